@@ -1,0 +1,275 @@
+"""What to run: ``Case`` (one chain) and ``Matrix`` (the cross product of axes), validated at the edge.
+
+Every parse error is a ``SpecError`` (a ValueError) whose one-line message names the bad value and
+the valid choices; the CLI prints it and exits 2, the pytest plugin raises ``UsageError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+from .activations import ACTIVATIONS, get_activation
+from .draws import parse_input
+from .formats import get_format
+from .inits import parse_init
+
+__all__ = ["Case", "Matrix", "SpecError", "split_list", "NORMS", "MODES", "BACKENDS", "DEFAULTS",
+           "parse_device", "default_devices", "default_modes"]
+
+NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
+MODES = ("emulated", "native")
+BACKENDS = ("torch", "numpy")
+DEVICE_KINDS = ("cpu", "cuda", "mps")
+MAX_ELEMENTS = 2**31 - 1  # one activation tensor (batch x width) must be indexable
+
+
+class SpecError(ValueError):
+    """Bad user input: the message is one line naming the value and the valid choices."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One chain ``x_l = act(norm(x_{l-1} @ W_l.T + b_l)) [+ residual]`` in one format/device/mode."""
+
+    init: str = "kaiming_normal"
+    activation: str = "relu"
+    format: str = "fp16"
+    device: str = "cpu"
+    mode: str = "emulated"
+    backend: str = "torch"
+    width: int = 256
+    depth: int = 100
+    batch: int = 64
+    seed: int = 0
+    input: str = "normal"
+    norm: str = "none"
+    residual: float | None = None
+    bias: bool = False
+    underflow_threshold: float = 0.01
+    loss_scale: float = 1.0
+
+    @property
+    def id(self) -> str:
+        """Stable id naming every axis; norm, residual, bias, input, threshold, loss scale only when not default."""
+        parts = [self.activation, self.init, self.format, self.device, self.mode, self.backend,
+                 f"w{self.width}", f"d{self.depth}", f"b{self.batch}", f"s{self.seed}"]
+        if self.norm != "none":
+            parts.append(self.norm)
+        if self.residual is not None:
+            parts.append(f"res{self.residual:g}")
+        if self.bias:
+            parts.append("bias")
+        if self.input != "normal":
+            parts.append(f"in_{self.input}")
+        if self.underflow_threshold != 0.01:
+            parts.append(f"thr{self.underflow_threshold:g}")
+        if self.loss_scale != 1.0:
+            parts.append(f"ls{self.loss_scale:g}")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def group_key(self) -> tuple:
+        """Cases with equal keys share input and weight draws (lsuv's rescale depends on the activation)."""
+        lsuv_dep = self.activation if parse_init(self.init).data_dependent else None
+        return (self.init, self.seed, self.width, self.depth, self.batch, self.input, self.bias, lsuv_dep)
+
+
+def split_list(text: str) -> list[str]:
+    """Split on commas outside parentheses: ``"normal(mean=1,std=0.1),relu"`` -> two items."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"unbalanced ')' in {text!r}")
+        if ch == "," and depth == 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise SpecError(f"unbalanced '(' in {text!r}")
+    items.append("".join(cur).strip())
+    if any(not it for it in items):
+        raise SpecError(f"empty item in list {text!r}")
+    return items
+
+
+def parse_device(text: str) -> str:
+    dev = text.strip().lower()
+    kind, _, index = dev.partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
+        raise SpecError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N, mps")
+    return dev
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_devices() -> list[str]:
+    return ["cpu", "cuda"] if _cuda_available() else ["cpu"]
+
+
+def default_modes(devices) -> list[str]:
+    """Emulated everywhere; native too where a GPU is present (that is what hardware regressions are about)."""
+    return ["emulated", "native"] if any(d.startswith("cuda") for d in devices) else ["emulated"]
+
+
+def _ints(name: str, values, low: int, high: int) -> list[int]:
+    out = []
+    for v in values:
+        try:
+            n = int(str(v).strip())
+        except ValueError:
+            raise SpecError(f"--{name} must be an integer between {low} and {high}, got {v!r}") from None
+        if not low <= n <= high:
+            raise SpecError(f"--{name} must be between {low} and {high}, got {n}")
+        out.append(n)
+    return out
+
+
+def _choice(name: str, value: str, valid) -> str:
+    v = value.strip().lower()
+    if v not in valid:
+        raise SpecError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    return v
+
+
+def _parse(kind: str, value: str, parser):
+    try:
+        return parser(value)
+    except SpecError:
+        raise
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+_INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
+
+DEFAULTS = dict(
+    inits=["normal", "lecun_normal", "xavier_normal", "kaiming_normal", "torch_default", "orthogonal",
+           "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
+    activations=["identity", "relu", "gelu", "tanh", "silu"],
+    formats=["fp32", "fp16", "bf16"],
+    backends=["torch"],
+    norms=["none"],
+    inputs=["normal"],
+    depth=[100],
+    width=[128],
+    batch=[64],
+    seed=[0],
+)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names."""
+
+    inits: tuple = tuple(DEFAULTS["inits"])
+    activations: tuple = tuple(DEFAULTS["activations"])
+    formats: tuple = tuple(DEFAULTS["formats"])
+    devices: tuple = ("cpu",)
+    modes: tuple = ("emulated",)
+    backends: tuple = tuple(DEFAULTS["backends"])
+    norms: tuple = tuple(DEFAULTS["norms"])
+    inputs: tuple = tuple(DEFAULTS["inputs"])
+    depth: tuple = tuple(DEFAULTS["depth"])
+    width: tuple = tuple(DEFAULTS["width"])
+    batch: tuple = tuple(DEFAULTS["batch"])
+    seed: tuple = tuple(DEFAULTS["seed"])
+    residual: float | None = None
+    bias: bool = False
+    underflow_threshold: float = 0.01
+    loss_scale: float = 1.0
+
+    @classmethod
+    def from_options(cls, **opts) -> "Matrix":
+        """Build from raw option values (comma strings or lists); unset (None) options take defaults."""
+
+        def items(key):
+            raw = opts.get(key)
+            if raw is None:
+                return None
+            if isinstance(raw, str):
+                return split_list(raw)
+            return [str(x) for x in raw]
+
+        kw: dict = {}
+        if (v := items("inits")) is not None:
+            kw["inits"] = tuple(dict.fromkeys(_parse("init", x, parse_init).label for x in v))
+        if (v := items("activations")) is not None:
+            kw["activations"] = tuple(dict.fromkeys(_parse("activation", x, get_activation).name for x in v))
+        if (v := items("formats")) is not None:
+            kw["formats"] = tuple(dict.fromkeys(_parse("format", x, get_format).name for x in v))
+        devices = items("devices")
+        kw["devices"] = tuple(dict.fromkeys(parse_device(x) for x in devices)) if devices else tuple(default_devices())
+        modes = items("modes")
+        kw["modes"] = tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes else tuple(default_modes(kw["devices"]))
+        if (v := items("backends")) is not None:
+            kw["backends"] = tuple(dict.fromkeys(_choice("backend", x, BACKENDS) for x in v))
+        if (v := items("norms")) is not None:
+            kw["norms"] = tuple(dict.fromkeys(_choice("norm", x, NORMS) for x in v))
+        if (v := items("inputs")) is not None:
+            kw["inputs"] = tuple(dict.fromkeys(_parse("input", x, parse_input).label for x in v))
+        for key, (low, high) in _INT_RANGES.items():
+            if (v := items(key)) is not None:
+                kw[key] = tuple(dict.fromkeys(_ints(key, v, low, high)))
+        if opts.get("residual") is not None:
+            kw["residual"] = _finite_float("residual", opts["residual"])
+        if opts.get("bias"):
+            kw["bias"] = True
+        if opts.get("underflow_threshold") is not None:
+            t = _finite_float("underflow-threshold", opts["underflow_threshold"])
+            if not 0 < t <= 1:
+                raise SpecError(f"--underflow-threshold must be in (0, 1], got {t}")
+            kw["underflow_threshold"] = t
+        if opts.get("loss_scale") is not None:
+            s = _finite_float("loss-scale", opts["loss_scale"])
+            if s <= 0:
+                raise SpecError(f"--loss-scale must be > 0, got {s}")
+            kw["loss_scale"] = s
+        matrix = cls(**kw)
+        matrix.check_sizes()
+        return matrix
+
+    def check_sizes(self) -> None:
+        for w, b in itertools.product(self.width, self.batch):
+            if w * b > MAX_ELEMENTS:
+                raise SpecError(f"--width {w} x --batch {b} = {w * b} elements per tensor; at most {MAX_ELEMENTS}")
+        if "batchnorm" in self.norms and min(self.batch) < 2:
+            raise SpecError("--norms batchnorm needs --batch >= 2 (batch statistics)")
+
+    def cases(self) -> list[Case]:
+        out = []
+        for (act, init, fmt, dev, mode, backend, norm, inp, depth, width, batch, seed) in itertools.product(
+                self.activations, self.inits, self.formats, self.devices, self.modes, self.backends,
+                self.norms, self.inputs, self.depth, self.width, self.batch, self.seed):
+            out.append(Case(init=init, activation=act, format=fmt, device=dev, mode=mode, backend=backend,
+                            width=width, depth=depth, batch=batch, seed=seed, input=inp, norm=norm,
+                            residual=self.residual, bias=self.bias,
+                            underflow_threshold=self.underflow_threshold, loss_scale=self.loss_scale))
+        return out
+
+
+def _finite_float(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"--{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise SpecError(f"--{name} must be finite, got {value!r}")
+    return v

@@ -1,0 +1,100 @@
+"""Event detection over per-layer statistics: the one piece of logic every backend shares.
+
+Backends reduce tensors to the statistics named in ``STAT_NAMES`` with their own array code; this
+module turns the per-layer numbers into events (DESIGN §2). Layers are numbered 1..depth.
+
+Forward events are the *first* layer (lowest number) where the event shows on pre **or** post.
+Backward events are the first in backward order: the *highest* layer where it shows on grad,
+grad_pre or wgrad. A stat that is not available (fp64 has no wider format) is ``None`` and its
+events are ``None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as _np
+
+__all__ = ["STAT_NAMES", "Events", "forward_events", "backward_events", "FAILURE_ORDER", "EVENT_NAMES"]
+
+STAT_NAMES = ("rms", "mean", "std", "amax", "amin_nonzero", "zero_frac", "underflow_frac", "overflow_frac",
+              "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac")
+EVENT_NAMES = ("first_overflow", "first_nan", "first_underflow", "first_underflow_any", "first_subnormal",
+               "first_zero")
+# a failure is the earliest of these; on a tie the first listed wins
+FAILURE_ORDER = (("overflow", "first_overflow"), ("nan", "first_nan"), ("zero", "first_zero"),
+                 ("underflow", "first_underflow"))
+
+Columns = dict  # stat name -> np.ndarray of shape (depth,), or None when not available
+
+
+@dataclass(frozen=True)
+class Events:
+    first_overflow: int | None = None
+    first_nan: int | None = None
+    first_underflow: int | None = None
+    first_underflow_any: int | None = None
+    first_subnormal: int | None = None
+    first_zero: int | None = None
+    failure: dict | None = None  # {"layer": int, "kind": "overflow" | "nan" | "zero" | "underflow"}
+    zero_cause: str | None = None  # "underflow" or "exact_zeros" (e.g. a dead ReLU layer)
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in (*EVENT_NAMES, "failure", "zero_cause")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Events":
+        return cls(**{k: d.get(k) for k in (*EVENT_NAMES, "failure", "zero_cause")})
+
+
+def _mask(tensors: list[Columns], stat: str, test) -> _np.ndarray | None:
+    """Per-layer OR of ``test(column)`` over the tensors that have ``stat``; None if none has it."""
+    cols = [t[stat] for t in tensors if t.get(stat) is not None]
+    if not cols:
+        return None
+    out = _np.zeros(len(cols[0]), dtype=bool)
+    for c in cols:
+        out |= test(_np.asarray(c, dtype=_np.float64))
+    return out
+
+
+def _layer(mask: _np.ndarray | None, last: bool) -> int | None:
+    if mask is None or not mask.any():
+        return None
+    idx = _np.flatnonzero(mask)
+    return int(idx[-1] if last else idx[0]) + 1
+
+
+def _events(tensors: list[Columns], zero_tensors: list[Columns], threshold: float, last: bool) -> Events:
+    found = dict(
+        first_overflow=_layer(_mask(tensors, "overflow_frac", lambda c: c > 0), last),
+        first_nan=_layer(_mask(tensors, "nan_frac", lambda c: c > 0), last),
+        first_underflow=_layer(_mask(tensors, "underflow_frac", lambda c: c >= threshold), last),
+        first_underflow_any=_layer(_mask(tensors, "underflow_frac", lambda c: c > 0), last),
+        first_subnormal=_layer(_mask(tensors, "subnormal_frac", lambda c: c >= threshold), last),
+        first_zero=_layer(_mask(zero_tensors, "zero_frac", lambda c: c >= 1.0), last),
+    )
+    zero_cause = None
+    if found["first_zero"] is not None:
+        under = _mask(tensors, "underflow_frac", lambda c: c > 0)
+        zero_cause = "underflow" if under is not None and under[found["first_zero"] - 1] else "exact_zeros"
+    candidates = [(found[key], rank, kind) for rank, (kind, key) in enumerate(FAILURE_ORDER)
+                  if found[key] is not None]
+    failure = None
+    if candidates:
+        pick = max if last else min
+        layer = pick(c[0] for c in candidates)
+        kind = min((c for c in candidates if c[0] == layer), key=lambda c: c[1])[2]
+        failure = {"layer": layer, "kind": kind}
+    return Events(**found, failure=failure, zero_cause=zero_cause)
+
+
+def forward_events(pre: Columns, post: Columns, threshold: float) -> Events:
+    """Events of a forward pass; ``first_zero`` is the first layer whose whole post is zero."""
+    return _events([pre, post], [post], threshold, last=False)
+
+
+def backward_events(grad: Columns, grad_pre: Columns, wgrad: Columns, threshold: float) -> Events:
+    """Events of a backward pass, first in backward order (highest layer); ``first_zero`` is the
+    highest layer whose whole gradient w.r.t. post or pre is zero (nothing flows below it)."""
+    return _events([grad, grad_pre, wgrad], [grad, grad_pre], threshold, last=True)
