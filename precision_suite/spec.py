@@ -50,6 +50,21 @@ class Case:
     underflow_threshold: float = 0.01
     loss_scale: float = 1.0
 
+    def __post_init__(self):
+        """Canonicalize names (aliases, parametric spellings) so equal cases have equal ids."""
+        canon = dict(
+            init=_parse("init", self.init, parse_init).label,
+            activation=_parse("activation", self.activation, get_activation).name,
+            format=_parse("format", self.format, get_format).name,
+            device=parse_device(self.device),
+            mode=_choice("mode", self.mode, MODES),
+            backend=_choice("backend", self.backend, BACKENDS),
+            norm=_choice("norm", self.norm, NORMS),
+            input=_parse("input", self.input, parse_input).label,
+        )
+        for key, value in canon.items():
+            object.__setattr__(self, key, value)
+
     @property
     def id(self) -> str:
         """Stable id naming every axis; norm, residual, bias, input, threshold, loss scale only when not default."""

@@ -1,0 +1,223 @@
+"""Command line: ``precision-suite run | report | merge | formats | env``.
+
+Exit codes: 0 ok, 1 a check failed (``--fail-on``), 2 usage or bad input (one line on stderr,
+nothing written), 130 interrupted (finished cases are kept in the JSON). ``--help`` imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "FAIL_ON_CHOICES"]
+
+_FORWARD_EVENTS = ("overflow", "nan", "underflow", "zero", "subnormal", "underflow_any")
+FAIL_ON_CHOICES = _FORWARD_EVENTS + tuple(f"grad_{e}" for e in _FORWARD_EVENTS)
+_LIST_AXES = ("inits", "activations", "formats", "devices", "modes", "backends", "norms", "inputs",
+              "depth", "width", "batch", "seed")
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error here
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="precision-suite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a matrix of layer chains and write results.json (+ report.html)",
+                         description="Run init x activation x format x device x mode chains; every axis is a "
+                                     "comma list (commas inside parentheses do not split).")
+    axes = run.add_argument_group("matrix axes (comma lists)")
+    for name, example in (("inits", "kaiming_normal,normal(std=2.0)"), ("activations", "relu,gelu"),
+                          ("formats", "fp16,bf16,fp8_e4m3fn"), ("devices", "cpu,cuda"),
+                          ("modes", "emulated,native"), ("backends", "torch,numpy"),
+                          ("norms", "none,layernorm"), ("inputs", "normal,pixels,shifted(mean=1,std=0.1)"),
+                          ("depth", "50,100"), ("width", "256"), ("batch", "64"), ("seed", "0,1")):
+        axes.add_argument(f"--{name}", metavar="LIST", help=f"e.g. {example}")
+    opts = run.add_argument_group("options")
+    opts.add_argument("--residual", metavar="ALPHA", type=float, help="x_l = x_{l-1} + ALPHA * f(x_{l-1})")
+    opts.add_argument("--bias", action="store_true", default=None, help="draw a zero-mean bias like the weights")
+    opts.add_argument("--underflow-threshold", type=float, metavar="FRAC",
+                      help="underflowed fraction that counts as the underflow event (default 0.01)")
+    opts.add_argument("--loss-scale", type=float, metavar="S", help="multiply the loss (and every gradient) by S")
+    opts.add_argument("--rel-error", action="store_true", default=None,
+                      help="also run an fp64 shadow chain and record the relative RMS error per layer")
+    opts.add_argument("--no-backward", action="store_true", default=None, help="forward pass only")
+    opts.add_argument("--fail-on", metavar="LIST", help=f"exit 1 if any case has one of: {', '.join(FAIL_ON_CHOICES)}")
+    opts.add_argument("--out", metavar="DIR", help="output directory (default: reports)")
+    opts.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
+    opts.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
+    opts.add_argument("--config", metavar="FILE", help="TOML file of the same options "
+                                                       "(also read: [tool.precision-suite] in ./pyproject.toml)")
+    opts.add_argument("--quiet", "-q", action="store_true", help="no progress, summary only")
+
+    merge = sub.add_parser("merge", help="merge result shards (e.g. from several CI machines) into one file")
+    merge.add_argument("inputs", nargs="+", metavar="RESULTS.json")
+    merge.add_argument("-o", "--output", required=True, metavar="PATH")
+
+    sub.add_parser("formats", help="print each format's limits from finfo")
+    sub.add_parser("env", help="print this machine's environment fingerprint")
+    return parser
+
+
+# ---------------------------------------------------------------- config
+
+def _load_config(path: str | None) -> dict:
+    """Options from --config FILE, else from [tool.precision-suite] in ./pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise UsageError(f"--config: file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"--config {path}: invalid TOML: {e}") from None
+        data = data.get("tool", {}).get("precision-suite", data)
+    else:
+        try:
+            with open("pyproject.toml", "rb") as f:
+                data = tomllib.load(f).get("tool", {}).get("precision-suite", {})
+        except (FileNotFoundError, tomllib.TOMLDecodeError):
+            data = {}
+    config = {}
+    valid = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale", "rel_error", "no_backward",
+                               "fail_on", "out", "json", "html"}
+    for key, value in data.items():
+        norm = key.replace("-", "_")
+        if norm not in valid:
+            raise UsageError(f"config: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
+        config[norm] = value
+    return config
+
+
+def _merged_options(args: argparse.Namespace) -> dict:
+    """command line beats config file beats defaults."""
+    options = _load_config(args.config)
+    for key, value in vars(args).items():
+        if value is not None and key not in ("command", "config"):
+            options[key] = value
+    return options
+
+
+def _parse_fail_on(value) -> list[str]:
+    from .spec import split_list
+
+    items = split_list(value) if isinstance(value, str) else list(value)
+    for item in items:
+        if item not in FAIL_ON_CHOICES:
+            raise UsageError(f"--fail-on: unknown event {item!r}; valid: {', '.join(FAIL_ON_CHOICES)}")
+    return items
+
+
+# ---------------------------------------------------------------- commands
+
+def _cmd_run(args) -> int:
+    from .spec import Matrix, SpecError
+
+    options = _merged_options(args)
+    out = Path(options.get("out", "reports"))
+    json_path = Path(options.get("json") or out / "results.json")
+    html_path = Path(options.get("html") or out / "report.html")
+    fail_on = _parse_fail_on(options.get("fail_on", []))
+    matrix_keys = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale"}
+    try:
+        matrix = Matrix.from_options(**{k: v for k, v in options.items() if k in matrix_keys})
+        from .runner import check_devices, check_memory
+
+        check_devices(matrix.devices)
+        cases = matrix.cases()
+        backward = not options.get("no_backward", False)
+        check_memory(cases, backward)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+
+    from .progress import Progress
+    from .runner import run_matrix
+    from .summary import failed_checks, summary_table
+
+    with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
+        try:
+            results = run_matrix(cases=cases, backward=backward, rel_error=bool(options.get("rel_error")),
+                                 json_path=json_path, on_result=progress.update)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: finished cases are kept in {json_path}", file=sys.stderr)
+            return 130
+    print(summary_table(results))
+    print(f"results: {json_path}")
+    report = _write_report(results, html_path)
+    if report:
+        print(f"report:  {report}")
+    failed = failed_checks(results, fail_on)
+    for line in failed:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_report(results, html_path: Path):
+    try:
+        from .report import write_report
+    except ImportError:
+        return None
+    return write_report(results, html_path)
+
+
+def _cmd_merge(args) -> int:
+    from .results import ResultsError, load_results, merge_results, write_json_atomic
+
+    try:
+        parts = [load_results(p) for p in args.inputs]
+    except ResultsError as e:
+        raise UsageError(str(e)) from None
+    merged = merge_results(parts)
+    write_json_atomic(args.output, merged.to_dict())
+    print(f"merged {sum(len(p.cases) for p in parts)} cases from {len(parts)} files into {len(merged.cases)}: {args.output}")
+    return 0
+
+
+def _cmd_formats(args) -> int:
+    from .formats import FORMATS
+
+    head = f"{'format':<11} {'max':>12} {'overflow at':>12} {'smallest normal':>16} {'smallest subnormal':>19} {'eps':>10}  on overflow"
+    print(head)
+    for f in FORMATS.values():
+        print(f"{f.name:<11} {f.max:>12.6g} {f.overflow_threshold:>12.6g} {f.smallest_normal:>16.6g} "
+              f"{f.smallest_subnormal:>19.6g} {f.eps:>10.4g}  {f.overflow_behaviour}")
+    return 0
+
+
+def _cmd_env(args) -> int:
+    import json
+
+    from .environment import fingerprint
+
+    print(json.dumps(fingerprint(), indent=2))
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "merge": _cmd_merge, "formats": _cmd_formats, "env": _cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return _COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"precision-suite: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Environment fingerprint: what a result depends on besides its spec (DESIGN §1, regression checks)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+__all__ = ["fingerprint", "flush_denormal_enabled"]
+
+
+def flush_denormal_enabled() -> bool:
+    """True when fp32 subnormals are flushed on CPU (``torch.set_flush_denormal(True)``).
+
+    torch has no getter, so this multiplies the smallest fp32 subnormal by one and looks."""
+    import torch
+
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny / 2], dtype=torch.float32)
+    return bool((tiny * 1.0).item() == 0.0)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint() -> dict:
+    """Versions, hardware and numeric settings, as plain JSON values."""
+    import ml_dtypes
+    import numpy
+    import torch
+
+    from . import __version__
+
+    env = {
+        "tool_version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "ml_dtypes": ml_dtypes.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "flush_denormal": flush_denormal_enabled(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        env["cuda"] = {
+            "device": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "driver": _nvidia_driver(),
+            "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "allow_fp16_reduced_precision_reduction": bool(
+                torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
+            "allow_bf16_reduced_precision_reduction": bool(
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+        }
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            return f.readline().strip()
+    except OSError:
+        return None

@@ -1,0 +1,154 @@
+"""Run a matrix: cases -> engine -> ``Results``, with progress and checkpoints that survive interrupts.
+
+``run_matrix`` is the one entry point the CLI, the pytest plugin and notebooks share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from .results import CaseResult, Results, write_json_atomic
+from .spec import Case, Matrix
+
+__all__ = ["run_matrix", "run_case", "check_devices", "check_memory", "estimate_case_bytes"]
+
+
+def check_devices(devices) -> None:
+    """Raise SpecError naming the device that is not present here."""
+    import torch
+
+    from .spec import SpecError
+
+    for dev in devices:
+        kind, _, index = dev.partition(":")
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                raise SpecError(f"device {dev!r} is not available here (torch.cuda.is_available() is False); valid: cpu")
+            if index and int(index) >= torch.cuda.device_count():
+                raise SpecError(f"device {dev!r} is not present; this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise SpecError(f"device {dev!r} is not available here; valid: cpu")
+
+
+def _available_memory() -> int:
+    """Bytes the kernel reports as available (MemAvailable), else physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def estimate_case_bytes(case: Case, backward: bool) -> int:
+    """Peak host bytes of one case: float64 draws + the chain; backward keeps ~8 activation-sized
+    tensors and 2 weights per layer for autograd (wide dtype: 4 bytes, fp32's wide fp64: 8)."""
+    act = case.batch * case.width
+    weight = case.width * case.width
+    wide = 8 if case.format in ("fp32", "fp64") else 4
+    draws = 8 * (2 * act + 3 * weight)
+    if not backward:
+        return draws + wide * (6 * act + 2 * weight)
+    return draws + case.depth * wide * (8 * act + 2 * weight)
+
+
+def check_memory(cases: list[Case], backward: bool) -> None:
+    """Refuse, before anything runs, a case that cannot fit in this machine's memory."""
+    from .spec import SpecError
+
+    budget = _available_memory()
+    for case in cases:
+        need = estimate_case_bytes(case, backward)
+        if need > budget:
+            raise SpecError(f"case {case.id} needs about {need / 2**30:.1f} GiB"
+                            f"{' (backward keeps every layer)' if backward else ''}; "
+                            f"{budget / 2**30:.1f} GiB available — reduce --depth/--width/--batch"
+                            f"{' or use --no-backward' if backward else ''}")
+
+
+@contextlib.contextmanager
+def exact_wide_matmuls():
+    """The wide precision must be the real fp32: no TF32, no reduced-precision reductions on CUDA."""
+    import torch
+
+    cuda = torch.backends.cuda.matmul
+    saved = (cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
+             torch.backends.cudnn.allow_tf32)
+    cuda.allow_tf32 = False
+    cuda.allow_fp16_reduced_precision_reduction = False
+    cuda.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        (cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
+         torch.backends.cudnn.allow_tf32) = saved
+
+
+def _skip_reason(case: Case) -> str | None:
+    if case.backend == "numpy" and (case.device != "cpu" or case.mode != "emulated"):
+        return "the numpy backend runs on cpu in emulated mode only"
+    if case.device.startswith("mps") and case.format == "fp64":
+        return "mps has no fp64"
+    return None
+
+
+def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
+               rel_error: bool = False, json_path: str | os.PathLike | None = None,
+               on_result: Callable[[CaseResult], None] | None = None, **axes) -> Results:
+    """Run a matrix (or an explicit case list) and return its Results.
+
+    ``axes`` are Matrix options as in the CLI (``inits="normal,kaiming_normal", depth=[50, 100]``).
+    With ``json_path`` the results so far are written atomically after every group, so an
+    interrupted run keeps every finished case and the file is never half-written.
+    """
+    from .engine import group_cases, run_cases
+    from .environment import fingerprint
+
+    if cases is None:
+        matrix = matrix if matrix is not None else Matrix.from_options(**axes)
+        cases = matrix.cases()
+    check_devices(sorted({c.device for c in cases}))
+    env = fingerprint()
+    finished: list[CaseResult] = []
+    runnable = []
+    for c in cases:
+        reason = _skip_reason(c)
+        if reason:
+            finished.append(CaseResult(c, status="skipped", error=reason))
+        else:
+            runnable.append(c)
+
+    def checkpoint():
+        if json_path is not None:
+            write_json_atomic(json_path, Results(tuple(finished), env).to_dict())
+
+    def record(result: CaseResult):
+        finished.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    with exact_wide_matmuls():
+        try:
+            for group in group_cases(runnable):
+                run_cases(group, backward=backward, rel_error=rel_error, on_result=record)
+                checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            raise
+    order = {c.id: i for i, c in enumerate(cases)}
+    results = Results(tuple(sorted(finished, key=lambda r: order[r.id])), env)
+    if json_path is not None:
+        write_json_atomic(json_path, results.to_dict())
+    return results
+
+
+def run_case(case: Case | None = None, *, backward: bool = True, rel_error: bool = False, **fields) -> CaseResult:
+    """Run one case (``run_case(init="normal", activation="relu", format="fp16")``)."""
+    case = case if case is not None else Case(**fields)
+    return run_matrix(cases=[case], backward=backward, rel_error=rel_error).cases[0]
