@@ -20,7 +20,7 @@ import numpy as _np
 
 from ..activations import get_activation
 from ..formats import FORMATS, Format, get_format, round_to_format
-from ..stats import STAT_NAMES
+from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
 
 __all__ = ["TorchChain", "tensor_stats"]
 
@@ -68,6 +68,19 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     return out
 
 
+def grad_extra_stats(exact, threshold: float):
+    """[exact_amax, exact_q] (see ``stats.GRAD_EXTRA_STATS``) as a float64 vector on the device."""
+    import torch
+
+    a = exact.detach().abs().flatten().to(torch.float64)
+    n = a.numel()
+    m = math.ceil(threshold * n) - 1
+    nonzero = a[a > 0]
+    q = torch.kthvalue(nonzero, m + 1).values if nonzero.numel() > m else torch.tensor(math.inf, dtype=torch.float64, device=a.device)
+    amax = a.amax() if n else torch.tensor(0.0, dtype=torch.float64, device=a.device)
+    return torch.stack([amax, q])
+
+
 def columns(rows: list, fmt: Format) -> dict:
     """Stack per-layer stat vectors into columns (numpy); stats that are not available become None."""
     import torch
@@ -75,7 +88,8 @@ def columns(rows: list, fmt: Format) -> dict:
     if not rows:
         return {name: _np.zeros(0) for name in STAT_NAMES}
     table = torch.stack(rows).cpu().numpy()
-    cols = {name: table[:, i].copy() for i, name in enumerate(STAT_NAMES)}
+    names = STAT_NAMES + (GRAD_EXTRA_STATS if table.shape[1] > len(STAT_NAMES) else ())
+    cols = {name: table[:, i].copy() for i, name in enumerate(names)}
     cols["amin_nonzero"][cols["zero_frac"] >= 1.0] = _np.nan  # no nonzero element
     if not fmt.has_wider:
         cols["underflow_frac"] = cols["overflow_frac"] = None
@@ -220,9 +234,16 @@ class TorchChain:
         rows = self.rows[kind]
 
         def on_grad(exact, rounded):
-            rows.append((layer, tensor_stats(exact, rounded, self.fmt)))
+            rows.append((layer, self._grad_stats(exact, rounded)))
 
         return on_grad if self.backward else None
+
+    def _grad_stats(self, exact, rounded):
+        """Gradient statistics: the forward ones plus ``GRAD_EXTRA_STATS`` of the exact values."""
+        import torch
+
+        stats = tensor_stats(exact, rounded, self.fmt, native=self.native)
+        return torch.cat([stats, grad_extra_stats(exact, self.case.underflow_threshold)])
 
     def _step_emulated(self, layer: int, w, b) -> None:
         import torch
@@ -342,10 +363,10 @@ class TorchChain:
             pre_w = F.linear(x_w, w_w, None if bl is None else bl.detach().to(wide))
             pre_w.retain_grad()
             self._tail_wide(x_w, pre_w).backward(post.grad.to(wide))
-            stats = tensor_stats
-            self.rows["grad"].append((layer, stats(exact_grad_post, post.grad.to(wide), self.fmt, native=True)))
-            self.rows["grad_pre"].append((layer, stats(pre_w.grad, pre.grad.to(wide), self.fmt, native=True)))
-            self.rows["wgrad"].append((layer, stats(w_w.grad, wl.grad.to(wide), self.fmt, native=True)))
+            stats = self._grad_stats
+            self.rows["grad"].append((layer, stats(exact_grad_post, post.grad.to(wide))))
+            self.rows["grad_pre"].append((layer, stats(pre_w.grad, pre.grad.to(wide))))
+            self.rows["wgrad"].append((layer, stats(w_w.grad, wl.grad.to(wide))))
             exact_grad_post = x_w.grad
         self.saved.clear()
 
