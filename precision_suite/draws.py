@@ -118,11 +118,15 @@ class LayerDraws:
             yield w, b
 
     def _lsuv_rescale(self, w, b):
+        """Divide W by sqrt(Var(post)) until |Var(post) - 1| < LSUV_TOL (at most LSUV_MAX_ITER tries;
+        bounded activations such as tanh cannot reach unit variance and stop there)."""
+        shift = 0 if b is None else b
+        post = self._phi(self._x @ w.T + shift)
         for _ in range(LSUV_MAX_ITER):
-            post = self._phi(self._x @ w.T + (0 if b is None else b))
             var = float(post.var())
             if not math.isfinite(var) or var == 0 or abs(var - 1) < LSUV_TOL:
                 break
             w = w / math.sqrt(var)
+            post = self._phi(self._x @ w.T + shift)
         self._x = post
         return w

@@ -4,8 +4,13 @@ Every limit is read from finfo; the one that finfo lacks, the overflow threshold
 
     T_of = max + ulp(max) / 2,   ulp(max) = eps * 2**floor(log2(max))
 
-the smallest magnitude that a round-to-nearest-even format with unbounded exponent would round
-past ``max`` (fp16: 65520, bf16: ~3.3961e38, fp8_e5m2: 61440, fp8_e4m3fn: 464).
+the midpoint between ``max`` and the next value a format with unbounded exponent would have
+(fp16: 65520, bf16: ~3.3961e38, fp8_e5m2: 61440, fp8_e4m3fn: 464). Beyond it everything rounds
+past ``max``; a value exactly at it is a tie, and nearest-even sends it past ``max`` only when
+``max``'s last significand bit is odd. That holds for fp16, bf16, fp32 and fp8_e5m2, whose max
+has an all-ones significand, but not for fp8_e4m3fn: its max 448 = 0b1.110 * 2^8 is even (0b1.111
+with the top exponent is NaN), so 464 rounds to 448 (ml_dtypes agrees) and overflow starts above
+464. DESIGN §2 says ">= T_of"; ``Format.overflows`` applies the exact rule.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ class Format:
             return self.max + ulp_max / 2
         except OverflowError:  # pragma: no cover - float addition saturates to inf instead
             return math.inf
+
+    @property
+    def tie_overflows(self) -> bool:
+        """Does the tie at exactly T_of round past max? Yes iff max / ulp(max) is odd."""
+        _, exp = math.frexp(self.max)
+        return int(self.max / (self.eps * 2.0 ** (exp - 1))) % 2 == 1
+
+    def overflows(self, magnitude):
+        """Elementwise: does an exact magnitude round past max (to inf, or NaN without inf)?
+        Works on floats, numpy arrays and torch tensors."""
+        t = self.overflow_threshold
+        return magnitude >= t if self.tie_overflows else magnitude > t
 
     @property
     def underflow_threshold(self) -> float:
@@ -128,7 +145,8 @@ def round_fp64_to_fp32_odd(x: _np.ndarray) -> _np.ndarray:
     result, so fp64 -> fp32 (odd) -> bf16/fp8 (nearest-even) rounds once, correctly.
     """
     x = _np.asarray(x, dtype=_np.float64)
-    nearest = x.astype(_np.float32)
+    with _np.errstate(over="ignore"):
+        nearest = x.astype(_np.float32)
     inexact = (nearest.astype(_np.float64) != x) & _np.isfinite(x)
     bits = nearest.view(_np.uint32).copy()
     fix = inexact & ((bits & 1) == 0)
@@ -146,6 +164,7 @@ def round_to_format(x, fmt: Format) -> _np.ndarray:
     through float32 and would round twice, so those go through round-to-odd float32 first.
     """
     x = _np.asarray(x, dtype=_np.float64)
-    if fmt.name in ("fp64", "fp32", "fp16"):
-        return x.astype(fmt.np_dtype)
-    return round_fp64_to_fp32_odd(x).astype(fmt.np_dtype)
+    with _np.errstate(over="ignore"):  # overflow to inf is the format's answer, not an accident
+        if fmt.name in ("fp64", "fp32", "fp16"):
+            return x.astype(fmt.np_dtype)
+        return round_fp64_to_fp32_odd(x).astype(fmt.np_dtype)

@@ -221,6 +221,8 @@ class Matrix:
                 return None
             if isinstance(raw, str):
                 return split_list(raw)
+            if isinstance(raw, (int, float)):  # a single number from a config file or the API
+                return [str(raw)]
             return [str(x) for x in raw]
 
         kw: dict = {}

@@ -33,7 +33,8 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
 
     underflow: exact != 0 and rounded == 0 (native: and |exact| < smallest normal — a larger exact
     value that came out zero was cancelled inside the kernel, not lost to the format's range).
-    overflow: |exact| >= T_of (native: also inf, or NaN from a finite exact value).
+    overflow: |exact| rounds past max, i.e. >= T_of (> T_of for fp8_e4m3fn, see ``formats``)
+    (native: also inf, or NaN from a finite exact value).
     """
     import torch
 
@@ -56,7 +57,7 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     if fmt.has_wider:
         ea = exact.abs()
         under = zero & (exact != 0)
-        over = ea >= fmt.overflow_threshold
+        over = fmt.overflows(ea)
         if native:
             under &= ea < fmt.smallest_normal
             over |= torch.isinf(r) | (torch.isnan(r) & torch.isfinite(exact))
@@ -120,13 +121,12 @@ def _rounder(fmt: Format):
     if not fmt.has_wider:
         return lambda x: x
     low = fmt.torch_dtype()
-    threshold = fmt.overflow_threshold
     direct = fmt.name == "fp32"
 
     def rnd(x):
         src = x if direct or x.dtype != torch.float64 else _fp64_to_fp32_odd(x)
         r = src.to(low).to(x.dtype)
-        return r if fmt.has_inf else torch.where(x.abs() >= threshold, math.nan, r)
+        return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), math.nan, r)
 
     return rnd
 
