@@ -51,6 +51,7 @@ def fingerprint() -> dict:
         "torch_threads": torch.get_num_threads(),
         "flush_denormal": flush_denormal_enabled(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_available": torch.cuda.is_available(),
         "cuda": None,
     }

@@ -73,21 +73,19 @@ def check_memory(cases: list[Case], backward: bool) -> None:
 
 @contextlib.contextmanager
 def exact_wide_matmuls():
-    """The wide precision must be the real fp32: no TF32, no reduced-precision reductions on CUDA."""
+    """The wide precision must be real fp32: no TF32 for fp32 matmuls and convolutions while the
+    suite runs. The fp16/bf16 reduced-precision-reduction flags are left as the user set them:
+    they change only native low-precision kernels, which is what native mode is there to measure."""
     import torch
 
-    cuda = torch.backends.cuda.matmul
-    saved = (cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
-             torch.backends.cudnn.allow_tf32)
-    cuda.allow_tf32 = False
-    cuda.allow_fp16_reduced_precision_reduction = False
-    cuda.allow_bf16_reduced_precision_reduction = False
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        (cuda.allow_tf32, cuda.allow_fp16_reduced_precision_reduction, cuda.allow_bf16_reduced_precision_reduction,
-         torch.backends.cudnn.allow_tf32) = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def _skip_reason(case: Case) -> str | None:

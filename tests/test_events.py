@@ -63,8 +63,8 @@ IDX = {n: i for i, n in enumerate(STAT_NAMES)}
 
 
 def stats(exact, rounded, fmt, native=False):
-    return tensor_stats(torch.tensor(exact, dtype=torch.float32), torch.tensor(rounded, dtype=torch.float32),
-                        get_format(fmt), native=native).numpy()
+    return tensor_stats(torch.tensor([exact], dtype=torch.float32), torch.tensor([rounded], dtype=torch.float32),
+                        get_format(fmt), native=native).numpy()[0]
 
 
 def test_relu_zeros_are_not_underflow():

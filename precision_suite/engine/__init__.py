@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections import defaultdict
+from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..activations import get_activation
@@ -47,14 +48,23 @@ def _error_result(case: Case, exc: BaseException, seconds: float = 0.0) -> CaseR
     return CaseResult(case, status="error", error=msg, seconds=seconds)
 
 
-def _make_chain(case: Case, x0, backward: bool, rel_error: bool):
-    if case.backend == "numpy":
-        from .numpy_backend import NumpyChain
+def _make_units(cases: list[Case], x0, backward: bool, rel_error: bool) -> list:
+    """The objects that step through the layers: a numpy chain per case, a torch stack per
+    ``stack_key``. Each unit has ``cases``, ``fmt``, ``step`` and per-case ``views``."""
+    from .torch_backend import TorchStack, stack_key
 
-        return NumpyChain(case, x0, backward=backward, rel_error=rel_error)
-    from .torch_backend import TorchChain
+    units, stacks = [], defaultdict(list)
+    for case in cases:
+        if case.backend == "numpy":
+            from .numpy_backend import NumpyChain
 
-    return TorchChain(case, x0, backward=backward, rel_error=rel_error)
+            chain = NumpyChain(case, x0, backward=backward, rel_error=rel_error)
+            chain.cases, chain.views = [case], [chain]
+            units.append(chain)
+        else:
+            stacks[stack_key(case)].append(case)
+    units += [TorchStack(group, x0, backward=backward, rel_error=rel_error) for group in stacks.values()]
+    return units
 
 
 def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[CaseResult]:
@@ -63,46 +73,61 @@ def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[Ca
     first = cases[0]
     init = parse_init(first.init)
     x0 = draw_input(parse_input(first.input), first.seed, first.batch, first.width)
-    chains, done = {}, {}
-    seconds = defaultdict(float)
-    for case in cases:
+    done: dict[str, CaseResult] = {}
+    seconds: dict[str, float] = defaultdict(float)
+    units = []
+    for unit_cases in _units_plan(cases):
         t0 = time.perf_counter()
         try:
-            chains[case.id] = _make_chain(case, x0, backward, rel_error)
+            units += _make_units(unit_cases, x0, backward, rel_error)
         except Exception as exc:  # a case that cannot run is recorded, never dropped
-            done[case.id] = _error_result(case, exc)
-        seconds[case.id] += time.perf_counter() - t0
+            done.update({c.id: _error_result(c, exc) for c in unit_cases})
+        _charge(seconds, unit_cases, time.perf_counter() - t0)
     draws = LayerDraws(init, first.seed, first.width, first.depth, first.bias,
                        activation=get_activation(first.activation), x0=x0)
-    grad_ctx = torch.enable_grad() if backward else torch.no_grad()
-    with grad_ctx:
+    with torch.enable_grad() if backward else torch.no_grad():
         for layer, (w64, b64) in enumerate(draws, 1):
             rounded = {}
-            for cid, chain in list(chains.items()):
+            for unit in list(units):
                 t0 = time.perf_counter()
-                fmt = chain.fmt
+                fmt = unit.fmt
                 if fmt.name not in rounded:
                     rounded[fmt.name] = (round_to_format(w64, fmt), None if b64 is None else round_to_format(b64, fmt))
                 try:
-                    chain.step(layer, *rounded[fmt.name])
+                    unit.step(layer, *rounded[fmt.name])
                 except Exception as exc:
-                    done[cid] = _error_result(chain.case, exc)
-                    del chains[cid]
-                seconds[cid] += time.perf_counter() - t0
+                    done.update({c.id: _error_result(c, exc) for c in unit.cases})
+                    units.remove(unit)
+                _charge(seconds, unit.cases, time.perf_counter() - t0)
         g64 = draw_seed_grad(first.seed, first.batch, first.width) if backward else None
-        for cid, chain in chains.items():
+        for unit in units:
             t0 = time.perf_counter()
-            try:
-                done[cid] = _finish(chain, g64)
-            except Exception as exc:
-                done[cid] = _error_result(chain.case, exc)
-            seconds[cid] += time.perf_counter() - t0
-    from dataclasses import replace
-
+            for view in unit.views:
+                try:
+                    done[view.case.id] = _finish(view, g64)
+                except Exception as exc:
+                    done[view.case.id] = _error_result(view.case, exc)
+            _charge(seconds, unit.cases, time.perf_counter() - t0)
     return [replace(done[c.id], seconds=seconds[c.id]) for c in cases]
 
 
+def _units_plan(cases: list[Case]) -> list[list[Case]]:
+    """Build units per backend so that a failure to set one up marks only its own cases."""
+    by_backend = defaultdict(list)
+    for c in cases:
+        by_backend[c.backend].append(c)
+    return list(by_backend.values())
+
+
+def _charge(seconds: dict, cases: list[Case], elapsed: float) -> None:
+    """Split a unit's time evenly over its cases."""
+    for c in cases:
+        seconds[c.id] += elapsed / len(cases)
+
+
 def _finish(chain, g64) -> CaseResult:
+    from ..theory import loss_scale_advice, predict
+
     case = chain.case
     if g64 is not None:
         chain.run_backward(g64)
@@ -113,5 +138,8 @@ def _finish(chain, g64) -> CaseResult:
     bwd = None
     if g64 is not None:
         grad, grad_pre, wgrad = chain.columns("grad"), chain.columns("grad_pre"), chain.columns("wgrad")
-        bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold), grad, grad_pre, wgrad)
-    return CaseResult(case, status="ok", forward=fwd, backward=bwd)
+        advice = loss_scale_advice({"grad": grad, "grad_pre": grad_pre, "wgrad": wgrad}, fmt, case.underflow_threshold,
+                                   case.loss_scale)
+        bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold), grad, grad_pre, wgrad,
+                             loss_scale=advice)
+    return CaseResult(case, status="ok", forward=fwd, backward=bwd, theory=predict(case))

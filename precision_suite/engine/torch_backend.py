@@ -1,4 +1,4 @@
-"""The torch backend: one chain per case, on any torch device, in emulated or native mode.
+"""The torch backend: stacks of cases sharing a format, on any torch device, in emulated or native mode.
 
 Layer l (DESIGN §2), every op's result rounded to the format (emulated) or produced in it (native):
 
@@ -22,73 +22,118 @@ from ..activations import get_activation
 from ..formats import FORMATS, Format, get_format, round_to_format
 from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
 
-__all__ = ["TorchChain", "tensor_stats"]
+__all__ = ["TorchStack", "CaseView", "stack_key", "tensor_stats"]
 
 NORM_EPS = 1e-5
 _I = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
-    """The statistics of one tensor as a float64 vector ordered like ``STAT_NAMES`` (stays on device).
+    """Statistics of a stack of C tensors (leading dim) as a float64 [C, len(STAT_NAMES)] tensor.
 
     underflow: exact != 0 and rounded == 0 (native: and |exact| < smallest normal — a larger exact
     value that came out zero was cancelled inside the kernel, not lost to the format's range).
     overflow: |exact| rounds past max, i.e. >= T_of (> T_of for fp8_e4m3fn, see ``formats``)
     (native: also inf, or NaN from a finite exact value).
+
+    Built for few, cheap passes (statistics are the suite's whole overhead over the bare chain):
+    sums and norms instead of var_mean/aminmax (10-50x slower on CPU here), counts as float sums of
+    ``sign`` instead of boolean masks, and counts that cannot be non-zero skipped: no zero -> no
+    underflow; amax finite and < max -> no inf, NaN, overflow or saturation; emulated underflow =
+    zeros(rounded) - zeros(exact). The decisions read a few numbers on the host, which costs
+    nothing on the CPU and one synchronisation per tensor on a GPU.
     """
     import torch
 
-    r = rounded
-    n = r.numel()
-    a = r.abs()
-    zero = r == 0
     f64 = torch.float64
-    out = torch.empty(len(STAT_NAMES), dtype=f64, device=r.device)
-    out[_I["rms"]] = torch.linalg.vector_norm(r, dtype=f64) / math.sqrt(n)
-    out[_I["mean"]] = r.mean(dtype=f64)
-    out[_I["std"]] = r.to(f64).std(correction=0) if n > 1 else 0.0
-    out[_I["amax"]] = a.amax().to(f64)
-    out[_I["amin_nonzero"]] = torch.where(zero, math.inf, a).amin().to(f64)
-    out[_I["zero_frac"]] = zero.sum() / n
-    out[_I["subnormal_frac"]] = ((a > 0) & (a < fmt.smallest_normal)).sum() / n
-    out[_I["inf_frac"]] = torch.isinf(r).sum() / n
-    out[_I["nan_frac"]] = torch.isnan(r).sum() / n
-    out[_I["saturated_frac"]] = (a == fmt.max).sum() / n
-    if fmt.has_wider:
-        ea = exact.abs()
-        under = zero & (exact != 0)
-        over = fmt.overflows(ea)
-        if native:
-            under &= ea < fmt.smallest_normal
-            over |= torch.isinf(r) | (torch.isnan(r) & torch.isfinite(exact))
-        out[_I["underflow_frac"]] = under.sum() / n
-        out[_I["overflow_frac"]] = over.sum() / n
-    else:
-        out[_I["underflow_frac"]] = math.nan  # not available: fp64 has no wider format
-        out[_I["overflow_frac"]] = math.nan
-    return out
+    c = rounded.shape[0]
+    r = rounded.reshape(c, -1)
+    e = exact.reshape(c, -1)
+    n = r.shape[1]
+    a = r.abs()
+    amax = a.amax(dim=1)
+    amin = a.amin(dim=1)
+    amin_h, amax_h = torch.stack([amin, amax]).to(f64).cpu()
+    none = torch.zeros(c, dtype=f64, device=r.device)
+    col = dict.fromkeys(STAT_NAMES, none)
+    col["mean"], col["std"], col["rms"] = _moments(r, amax_h)
+    col["amax"] = amax
+    nans = exact_nans = 0
+    if native or not bool((amax_h < fmt.max).all()):  # inf and NaN compare False too
+        nans = torch.isnan(r).sum(dim=1)
+        exact_nans = torch.isnan(e).sum(dim=1)
+        col["inf_frac"] = torch.isinf(r).sum(dim=1) / n
+        col["nan_frac"] = nans / n
+        col["saturated_frac"] = (a == fmt.max).sum(dim=1) / n
+        if fmt.has_wider:
+            over = fmt.overflows(e.abs())
+            if native:
+                over |= torch.isinf(r) | (torch.isnan(r) & torch.isfinite(e))
+            col["overflow_frac"] = over.sum(dim=1) / n
+        a = torch.nan_to_num(a, nan=0.0, posinf=math.inf)  # NaN is no magnitude: keep it out of amin
+    zeros_possible = not bool((amin_h > 0).all())  # NaN compares False: look closer
+    zeros = 0
+    col["amin_nonzero"] = amin
+    if zeros_possible:
+        nonzero = torch.sign(a)  # 1 where |r| > 0, 0 where r == 0 or NaN (counted in nans)
+        zeros = n - nonzero.sum(dim=1) - nans
+        col["zero_frac"] = zeros / n
+        col["amin_nonzero"] = torch.add(a, 1 - nonzero, alpha=torch.finfo(a.dtype).max).amin(dim=1)
+    if not bool((col["amin_nonzero"].cpu() >= fmt.smallest_normal).all()):
+        below_normal = torch.sign(torch.relu(fmt.smallest_normal - a)).sum(dim=1)  # zeros, NaNs included
+        col["subnormal_frac"] = (below_normal - zeros - nans) / n
+    if not fmt.has_wider:  # not available: fp64 has no wider format
+        col["underflow_frac"] = col["overflow_frac"] = none + math.nan
+    elif zeros_possible and native:
+        col["underflow_frac"] = ((r == 0) & (e != 0) & (e.abs() < fmt.smallest_normal)).sum(dim=1) / n
+    elif zeros_possible:  # exact zeros round to zero, so the difference is the underflowed count
+        exact_zeros = n - torch.sign(torch.nan_to_num(e.abs(), nan=1.0)).sum(dim=1)
+        col["underflow_frac"] = (zeros - exact_zeros) / n
+    return torch.stack([col[name].to(f64) for name in STAT_NAMES], dim=1)
+
+
+def _moments(r, amax_h):
+    """Per-row mean, population std and rms (float64) from sums and 2-norms in r's dtype. Rows whose
+    squares could overflow that dtype are scaled by a power of two first (exact): bf16 values
+    near 3e38 must not turn fp32 sums into inf. std is the norm of r - mean (no cancellation)."""
+    import torch
+
+    n = r.shape[1]
+    finite = amax_h[torch.isfinite(amax_h)]
+    top = float(finite.max()) if finite.numel() else 0.0
+    scale = 1.0
+    if top > math.sqrt(torch.finfo(r.dtype).max / n):
+        scale = 2.0 ** -math.ceil(math.log2(top))
+        r = r * scale
+    mean = r.sum(dim=1, keepdim=True) / n
+    rms = torch.linalg.vector_norm(r, dim=1).double() / math.sqrt(n)
+    std = torch.linalg.vector_norm(r - mean, dim=1).double() / math.sqrt(n)
+    return mean[:, 0].double() / scale, std / scale, rms / scale
 
 
 def grad_extra_stats(exact, threshold: float):
-    """[exact_amax, exact_q] (see ``stats.GRAD_EXTRA_STATS``) as a float64 vector on the device."""
+    """[C, 2]: exact_amax and exact_q of each of C stacked gradients (see ``stats.GRAD_EXTRA_STATS``):
+    the (z + m + 1)-th smallest |exact| with z exact zeros and m = ceil(threshold * n) - 1."""
     import torch
 
-    a = exact.detach().abs().flatten().to(torch.float64)
-    n = a.numel()
+    c = exact.shape[0]
+    a = exact.detach().reshape(c, -1).abs()
+    n = a.shape[1]
     m = math.ceil(threshold * n) - 1
-    nonzero = a[a > 0]
-    q = torch.kthvalue(nonzero, m + 1).values if nonzero.numel() > m else torch.tensor(math.inf, dtype=torch.float64, device=a.device)
-    amax = a.amax() if n else torch.tensor(0.0, dtype=torch.float64, device=a.device)
-    return torch.stack([amax, q])
+    k = (n - torch.count_nonzero(a, dim=1) + m + 1).tolist()
+    q = [torch.kthvalue(a[i], k[i]).values if k[i] <= n else torch.tensor(math.inf, device=a.device, dtype=a.dtype)
+         for i in range(c)]
+    return torch.stack([a.amax(dim=1), torch.stack(q)], dim=1).double()
 
 
-def columns(rows: list, fmt: Format) -> dict:
-    """Stack per-layer stat vectors into columns (numpy); stats that are not available become None."""
+def columns(rows: list, fmt: Format, index: int) -> dict:
+    """Per-layer stat rows ([C, K] each) -> numpy columns of stack member ``index``; stats that are
+    not available become None, amin_nonzero of an all-zero tensor NaN."""
     import torch
 
     if not rows:
         return {name: _np.zeros(0) for name in STAT_NAMES}
-    table = torch.stack(rows).cpu().numpy()
+    table = torch.stack([row[index] for row in rows]).cpu().numpy()
     names = STAT_NAMES + (GRAD_EXTRA_STATS if table.shape[1] > len(STAT_NAMES) else ())
     cols = {name: table[:, i].copy() for i, name in enumerate(names)}
     cols["amin_nonzero"][cols["zero_frac"] >= 1.0] = _np.nan  # no nonzero element
@@ -167,8 +212,10 @@ def _norm(kind: str, x):
 
     if kind == "none":
         return x
-    if kind == "batchnorm":
-        return F.batch_norm(x, None, None, training=True, eps=NORM_EPS)
+    if kind == "batchnorm":  # x is [C, batch, width]: statistics over each case's batch
+        c, b, w = x.shape
+        flat = x.transpose(0, 1).reshape(b, c * w)
+        return F.batch_norm(flat, None, None, training=True, eps=NORM_EPS).reshape(b, c, w).transpose(0, 1)
     if kind == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
     if kind == "rmsnorm":
@@ -183,40 +230,56 @@ def _native_act(name: str):
     return F.gelu if name == "gelu" else get_activation(name).torch_fn
 
 
-class TorchChain:
-    """The state of one case's chain while the group it belongs to steps through its layers."""
+def stack_key(case) -> tuple:
+    """Cases with equal keys (and equal draws) run as one stacked [C, batch, width] chain: one
+    matmul, one rounding and one statistics reduction per op for all of them. Native cases stay
+    alone so that one kernel's error cannot take its neighbours down."""
+    return (case.format, case.device, case.mode, case.norm, case.residual, case.loss_scale,
+            case.underflow_threshold, case.activation if case.mode == "native" else None)
 
-    def __init__(self, case, x0_64: _np.ndarray, backward: bool, rel_error: bool):
+
+class TorchStack:
+    """C cases that differ only in their activation, stepped together through one group's layers.
+
+    ``views`` are per-case handles for ``engine._finish``. Statistics rows are [C, K] device
+    tensors, copied to the host once at the end.
+    """
+
+    def __init__(self, cases: list, x0_64: _np.ndarray, backward: bool, rel_error: bool):
         import torch
 
-        self.case = case
-        self.fmt = get_format(case.format)
-        self.native = case.mode == "native"
+        first = cases[0]
+        self.cases = cases
+        self.fmt = get_format(first.format)
+        self.native = first.mode == "native"
         self.backward = backward
-        self.device = torch.device(case.device)
+        self.device = torch.device(first.device)
         wide = self.fmt.wide()
         self.wide_dtype = wide.torch_dtype()
-        self.act = get_activation(case.activation)
-        self.alpha = case.residual
+        self.acts = [get_activation(c.activation) for c in cases]
+        self.norm, self.alpha, self.threshold = first.norm, first.residual, first.underflow_threshold
         self.rows = {k: [] for k in ("pre", "post", "grad", "grad_pre", "wgrad")}
         self.round = _rounder(self.fmt)
+        self.apply_round = _round_fn().apply if backward else (lambda x, rnd, on_grad: rnd(x))
         # bf16's subnormals are fp32 subnormals: layers whose input is that small run in fp64
         self.fp64_below = (wide.smallest_normal * 2.0 ** (wide.mantissa_bits + 2)
                            if self.fmt.smallest_subnormal < wide.smallest_normal else 0.0)
-        x0 = self._to_device(round_to_format(x0_64, self.fmt))
+        x0 = self._to_device(round_to_format(x0_64, self.fmt))[None]
         self.input_stats = tensor_stats(x0, x0, self.fmt)
-        self.x = x0 if not self.native else x0.to(self.fmt.torch_dtype())
+        x0 = x0.expand(len(cases), *x0.shape[1:])
+        self.x = x0.to(self.fmt.torch_dtype()) if self.native else x0
         self.saved = []  # native backward: per layer (x_in, W, b, pre, post)
-        self.params = []
-        self.shadow = self._to_device(round_to_format(x0_64, self.fmt)).double() if rel_error else None
+        self.shadow = x0.double() if rel_error else None
         self.rel_error = [] if rel_error else None
+        self._backward_done = False
+        self.views = [CaseView(self, i) for i in range(len(cases))]
 
     def _to_device(self, arr: _np.ndarray):
-        """A correctly rounded numpy array -> wide-dtype tensor on the case's device (exact upcast)."""
+        """A correctly rounded numpy array -> wide-dtype tensor on the device (exact upcast)."""
         import torch
 
-        return torch.from_numpy(arr.astype(_np.float64 if self.wide_dtype == torch.float64 else _np.float32)).to(
-            self.device, self.wide_dtype)
+        host = torch.from_numpy(arr.astype(_np.float64 if self.wide_dtype == torch.float64 else _np.float32))
+        return host.to(self.device, self.wide_dtype)
 
     # ---- forward ----
 
@@ -230,57 +293,76 @@ class TorchChain:
         if self.shadow is not None:
             self._step_shadow(w, b)
 
+    def _activation(self, h):
+        """Each case's activation on its slice of the stack."""
+        import torch
+
+        if len({a.name for a in self.acts}) == 1:
+            return self.acts[0].torch_fn(h)
+        return torch.stack([act.torch_fn(h[i]) for i, act in enumerate(self.acts)])
+
     def _record_grad(self, kind: str, layer: int):
+        if not self.backward:
+            return None
         rows = self.rows[kind]
 
         def on_grad(exact, rounded):
             rows.append((layer, self._grad_stats(exact, rounded)))
 
-        return on_grad if self.backward else None
+        return on_grad
 
     def _grad_stats(self, exact, rounded):
         """Gradient statistics: the forward ones plus ``GRAD_EXTRA_STATS`` of the exact values."""
         import torch
 
+        if exact.dim() == 2:  # a native weight gradient: native stacks hold one case
+            exact, rounded = exact[None], rounded[None]
         stats = tensor_stats(exact, rounded, self.fmt, native=self.native)
-        return torch.cat([stats, grad_extra_stats(exact, self.case.underflow_threshold)])
+        return torch.cat([stats, grad_extra_stats(exact, self.threshold)], dim=1)
 
     def _step_emulated(self, layer: int, w, b) -> None:
         import torch
         import torch.nn.functional as F
 
-        R = _round_fn().apply
-        rnd = self.round
+        R, rnd = self.apply_round, self.round
         x = self.x
         wide_dtype = self.wide_dtype
-        if self.fp64_below and float(x.detach().abs().amax()) < self.fp64_below:
+        if self.fp64_below and float(self._input_amax().min()) < self.fp64_below:
             wide_dtype = torch.float64
         if self.backward:
-            w = w.clone().requires_grad_(True)
-            self.params.append(w)
+            w = w.expand(len(self.cases), *w.shape).clone().requires_grad_(True)  # one W per case: own wgrad
             w_used = R(w, rnd, self._record_grad("wgrad", layer))
+            pre_exact = torch.baddbmm(b.to(wide_dtype).expand(x.shape[0], 1, -1), x.to(wide_dtype),
+                                      w_used.to(wide_dtype).transpose(1, 2)) if b is not None else \
+                torch.bmm(x.to(wide_dtype), w_used.to(wide_dtype).transpose(1, 2))
         else:
-            w_used = w
-        pre_exact = F.linear(x.to(wide_dtype), w_used.to(wide_dtype), None if b is None else b.to(wide_dtype))
+            pre_exact = F.linear(x.to(wide_dtype), w.to(wide_dtype), None if b is None else b.to(wide_dtype))
         pre = R(pre_exact, rnd, self._record_grad("grad_pre", layer))
         self.rows["pre"].append(tensor_stats(pre_exact.detach(), pre.detach(), self.fmt))
         h = pre
-        if self.case.norm != "none":
-            h = R(_norm(self.case.norm, h), rnd, None)
-        post_exact = self.act.torch_fn(h)
+        if self.norm != "none":
+            h = R(_norm(self.norm, h), rnd, None)
+        if self.fp64_below:  # bf16: activation tails (and their derivatives) reach below fp32's normals
+            h = h.to(torch.float64)
+        post_exact = self._activation(h)
         if self.alpha is not None:
             post_exact = x.to(wide_dtype) + self.alpha * R(post_exact, rnd, None)
         post = R(post_exact, rnd, self._record_grad("grad", layer))
         self.rows["post"].append(tensor_stats(post_exact.detach(), post.detach(), self.fmt))
         self.x = post.to(self.wide_dtype) if post.dtype != self.wide_dtype else post
 
+    def _input_amax(self):
+        """amax of each stacked case's current layer input (the previous post, or x_0)."""
+        rows = self.rows["post"][-1] if self.rows["post"] else self.input_stats
+        return rows[:, _I["amax"]]
+
     def _tail_wide(self, x_in, pre):
         """norm -> act -> residual in the wide precision (the native layer's exact reference)."""
-        h = _norm(self.case.norm, pre)
-        out = self.act.torch_fn(h)
+        out = self._activation(_norm(self.norm, pre))
         return x_in + self.alpha * out if self.alpha is not None else out
 
     def _step_native(self, w, b) -> None:
+        import torch
         import torch.nn.functional as F
 
         low = self.fmt.torch_dtype()
@@ -288,17 +370,16 @@ class TorchChain:
         bl = None if b is None else b.to(low)
         if self.backward:
             wl.requires_grad_(True)
-            self.params.append(wl)
         x = self.x
         pre = F.linear(x, wl, bl)
-        with _no_grad():
+        with torch.no_grad():
             pre_exact = F.linear(x.to(self.wide_dtype), w, b)
             self.rows["pre"].append(tensor_stats(pre_exact, pre.to(self.wide_dtype), self.fmt, native=True))
-        h = _norm(self.case.norm, pre)
-        post = _native_act(self.act.name)(h)
+        h = _norm(self.norm, pre)
+        post = _native_act(self.acts[0].name)(h)
         if self.alpha is not None:
             post = x + self.alpha * post
-        with _no_grad():
+        with torch.no_grad():
             post_exact = self._tail_wide(x.to(self.wide_dtype), pre.to(self.wide_dtype))
             self.rows["post"].append(tensor_stats(post_exact, post.to(self.wide_dtype), self.fmt, native=True))
         if self.backward:
@@ -311,34 +392,24 @@ class TorchChain:
         import torch
         import torch.nn.functional as F
 
-        with _no_grad():
+        with torch.no_grad():
             s = self.shadow
-            pre = F.linear(s, w.double(), None if b is None else b.double())
-            self.shadow = self._tail_wide(s, pre)
-            post = self.x.detach().to(torch.float64)
-            num = torch.linalg.vector_norm(post - self.shadow)
-            den = torch.linalg.vector_norm(self.shadow)
-            self.rel_error.append(num / den)
-
-    # ---- results ----
-
-    def columns(self, kind: str) -> dict:
-        return columns(self.rows[kind], self.fmt)
-
-    def input_columns(self) -> dict:
-        cols = columns([self.input_stats], self.fmt)
-        return {k: (None if v is None else float(v[0])) for k, v in cols.items()}
-
-    def rel_error_values(self) -> list | None:
-        import torch
-
-        return None if self.rel_error is None else torch.stack(self.rel_error).cpu().tolist()
+            self.shadow = self._tail_wide(s, F.linear(s, w.double(), None if b is None else b.double()))
+            diff = self.x.detach().to(torch.float64) - self.shadow
+            dims = (1, 2)
+            self.rel_error.append(torch.linalg.vector_norm(diff, dim=dims) /
+                                  torch.linalg.vector_norm(self.shadow, dim=dims))
 
     # ---- backward ----
 
     def run_backward(self, g64: _np.ndarray) -> None:
-        """loss = sum(post_depth * g) * loss_scale; emulated statistics arrive through ``_Round``."""
-        seed_grad = self._to_device(round_to_format(g64 * self.case.loss_scale, self.fmt))
+        """loss = sum_c sum(post_depth,c * g) * loss_scale (the same g for every case; cases do not
+        interact, so each case's gradients are its own). Runs once for the whole stack."""
+        if self._backward_done:
+            return
+        self._backward_done = True
+        g = self._to_device(round_to_format(g64 * self.cases[0].loss_scale, self.fmt))
+        seed_grad = g.expand(len(self.cases), *g.shape)
         if self.native:
             self.x.backward(seed_grad.to(self.x.dtype))
             self._native_backward_stats(seed_grad)
@@ -370,13 +441,36 @@ class TorchChain:
             exact_grad_post = x_w.grad
         self.saved.clear()
 
+    # ---- results ----
 
-class _no_grad:
-    def __enter__(self):
+    def case_columns(self, index: int, kind: str) -> dict:
+        return columns(self.rows[kind], self.fmt, index)
+
+    def case_input(self) -> dict:
+        cols = columns([self.input_stats], self.fmt, 0)
+        return {k: (None if v is None else float(v[0])) for k, v in cols.items()}
+
+    def case_rel_error(self, index: int) -> list | None:
         import torch
 
-        self._ctx = torch.no_grad()
-        self._ctx.__enter__()
+        return None if self.rel_error is None else torch.stack(self.rel_error)[:, index].cpu().tolist()
 
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+
+class CaseView:
+    """One case of a ``TorchStack``, with the per-case interface ``engine._finish`` reads."""
+
+    def __init__(self, stack: TorchStack, index: int):
+        self.stack, self.index = stack, index
+        self.case, self.fmt = stack.cases[index], stack.fmt
+
+    def run_backward(self, g64) -> None:
+        self.stack.run_backward(g64)
+
+    def columns(self, kind: str) -> dict:
+        return self.stack.case_columns(self.index, kind)
+
+    def input_columns(self) -> dict:
+        return self.stack.case_input()
+
+    def rel_error_values(self) -> list | None:
+        return self.stack.case_rel_error(self.index)

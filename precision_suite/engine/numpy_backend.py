@@ -1,0 +1,277 @@
+"""The numpy backend: an independent reference for emulated mode (numpy + ml_dtypes + scipy, CPU).
+
+Layer l (DESIGN §2), ``rnd`` = round-to-nearest-even into the format:
+
+    pre_l  = rnd(x_{l-1} @ W_l.T (+ b_l))
+    h_l    = rnd(norm(pre_l))                                  (only with a norm)
+    post_l = rnd(act(h_l))    or    rnd(x_{l-1} + alpha * rnd(act(h_l)))   (residual)
+
+Each op runs in the wide precision (float32 for fp16/bf16/fp8, float64 for fp32 and fp64): matmuls
+accumulate in it (BLAS), norms and activations are evaluated in float64 and rounded once to it. The
+wide result is the element's exact value, its rounding the stored value. A bf16 layer whose input
+is small enough to reach fp32's subnormals (amax < 2^-101) runs in float64. Backward is
+written out by hand and rounds the gradient at the same points. Statistics are reduced here, in
+float64 (ml_dtypes' own ``.sum()`` accumulates in the low format); only the event logic
+(``stats``), the draws and the result model are shared with the torch backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as _np
+
+from ..activations import get_activation
+from ..formats import Format, get_format, round_to_format
+from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
+
+__all__ = ["NORM_EPS", "NumpyChain", "grad_extra_stats", "tensor_stats"]
+
+NORM_EPS = 1e-5
+_I = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def _round(x: _np.ndarray, fmt: Format) -> _np.ndarray:
+    """Wide array -> same dtype holding the nearest-even ``fmt`` values (overflow: inf, or NaN for
+    fp8_e4m3fn, which has no inf; ml_dtypes rounds its tie 464 to max 448, as nearest-even must)."""
+    if not fmt.has_wider:
+        return x
+    with _np.errstate(over="ignore", invalid="ignore"):
+        if x.dtype == _np.float64:
+            return round_to_format(x, fmt).astype(_np.float64)
+        return x.astype(fmt.np_dtype).astype(x.dtype)  # float32 -> fmt in one cast rounds once
+
+
+def _rms(a: _np.ndarray, amax: float) -> float:
+    """sqrt(mean(a^2)) for a = |x| >= 0, scaled by amax so float64 squares cannot overflow."""
+    if not (math.isfinite(amax) and amax > 0):
+        return amax  # 0, inf or NaN: the RMS is the same
+    return amax * math.sqrt(_np.mean(_np.square(a / amax)))
+
+
+@_np.errstate(all="ignore")
+def tensor_stats(exact: _np.ndarray, rounded: _np.ndarray, fmt: Format) -> _np.ndarray:
+    """The statistics of one tensor as a float64 vector ordered like ``STAT_NAMES``.
+
+    underflow: exact != 0 and rounded == 0;  overflow: |exact| rounds past max (``Format.overflows``:
+    >= T_of; > T_of for fp8_e4m3fn);  subnormal: 0 < |rounded| < smallest normal;  saturated:
+    |rounded| == max. fp64: underflow and overflow are NaN here (not available; ``_columns`` makes
+    them None).
+    """
+    r = _np.asarray(rounded, dtype=_np.float64).ravel()
+    n = r.size
+    a = _np.abs(r)
+    zero = r == 0
+    nonzero = a[~zero]
+    out = _np.empty(len(STAT_NAMES))
+    amax = float(a.max())
+    out[_I["rms"]] = _rms(a, amax)
+    out[_I["mean"]] = r.mean()
+    out[_I["std"]] = r.std()
+    out[_I["amax"]] = amax
+    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
+    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
+    out[_I["subnormal_frac"]] = _np.count_nonzero((a > 0) & (a < fmt.smallest_normal)) / n
+    out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(r)) / n
+    out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(r)) / n
+    out[_I["saturated_frac"]] = _np.count_nonzero(a == fmt.max) / n
+    if fmt.has_wider:
+        e = _np.asarray(exact, dtype=_np.float64).ravel()
+        out[_I["underflow_frac"]] = _np.count_nonzero(zero & (e != 0)) / n
+        out[_I["overflow_frac"]] = _np.count_nonzero(fmt.overflows(_np.abs(e))) / n
+    else:
+        out[_I["underflow_frac"]] = out[_I["overflow_frac"]] = _np.nan
+    return out
+
+
+def grad_extra_stats(exact: _np.ndarray, threshold: float) -> _np.ndarray:
+    """[exact_amax, exact_q] of ``stats.GRAD_EXTRA_STATS``: max |exact|, and the (m+1)-th smallest
+    nonzero |exact| with m = ceil(threshold * n) - 1 (inf when fewer are nonzero)."""
+    a = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
+    m = math.ceil(threshold * a.size) - 1
+    nonzero = a[a > 0]
+    q = _np.partition(nonzero, m)[m] if nonzero.size > m else math.inf
+    return _np.array([a.max() if a.size else 0.0, q])
+
+
+def _columns(rows: list, fmt: Format) -> dict:
+    """Per-layer stat vectors -> columns; underflow/overflow are None where not available (fp64)."""
+    if not rows:
+        return {name: _np.zeros(0) for name in STAT_NAMES}
+    table = _np.vstack(rows)
+    names = STAT_NAMES + (GRAD_EXTRA_STATS if table.shape[1] > len(STAT_NAMES) else ())
+    cols = {name: table[:, i].copy() for i, name in enumerate(names)}
+    if not fmt.has_wider:
+        cols["underflow_frac"] = cols["overflow_frac"] = None
+    return cols
+
+
+# ---- norms (no affine), float64 in and out ----
+
+def _norm_axis(kind: str) -> int:
+    return 0 if kind == "batchnorm" else -1  # batchnorm: batch statistics per feature (training)
+
+
+def _norm(kind: str, x: _np.ndarray) -> _np.ndarray:
+    """batchnorm / layernorm: (x - mean) / sqrt(var + eps), biased var; rmsnorm: x / sqrt(mean(x^2) + eps)."""
+    ax = _norm_axis(kind)
+    if kind == "rmsnorm":
+        return x / _np.sqrt(_np.mean(x * x, axis=ax, keepdims=True) + NORM_EPS)
+    c = x - _np.mean(x, axis=ax, keepdims=True)
+    return c / _np.sqrt(_np.mean(c * c, axis=ax, keepdims=True) + NORM_EPS)
+
+
+def _norm_grad(kind: str, x: _np.ndarray, dy: _np.ndarray) -> _np.ndarray:
+    """dL/dx from dL/dy for y = norm(x), means over the norm axis, s = sqrt(var + eps) or the rms:
+
+    batchnorm / layernorm: (dy - mean(dy) - y * mean(dy * y)) / s;   rmsnorm: (dy - y * mean(dy * y)) / s
+    """
+    ax = _norm_axis(kind)
+    if kind == "rmsnorm":
+        s = _np.sqrt(_np.mean(x * x, axis=ax, keepdims=True) + NORM_EPS)
+        y = x / s
+        return (dy - y * _np.mean(dy * y, axis=ax, keepdims=True)) / s
+    c = x - _np.mean(x, axis=ax, keepdims=True)
+    s = _np.sqrt(_np.mean(c * c, axis=ax, keepdims=True) + NORM_EPS)
+    y = c / s
+    return (dy - _np.mean(dy, axis=ax, keepdims=True) - y * _np.mean(dy * y, axis=ax, keepdims=True)) / s
+
+
+def _f64(x: _np.ndarray) -> _np.ndarray:
+    return x.astype(_np.float64, copy=False)
+
+
+class NumpyChain:
+    """One case's chain, stepped by ``engine.run_cases`` layer by layer: ``step``, ``run_backward``,
+    ``columns(kind)`` for pre/post/grad/grad_pre/wgrad, ``input_columns``, ``rel_error_values``."""
+
+    def __init__(self, case, x0_64: _np.ndarray, backward: bool, rel_error: bool):
+        if case.mode != "emulated" or case.device != "cpu":
+            raise ValueError(f"the numpy backend runs on cpu in emulated mode only, got device={case.device!r} "
+                             f"mode={case.mode!r}; use --backends torch for that")
+        self.case = case
+        self.fmt = get_format(case.format)
+        wide = self.fmt.wide()
+        self.wide = _np.dtype(_np.float32 if wide.name == "fp32" else _np.float64)
+        # bf16 reaches fp32's subnormals, which keep fewer bits than one correct rounding to bf16
+        # needs: a layer whose input amax is below 2^(p+1) * fp32's smallest normal (p = 24) runs in
+        # float64 (the rule the torch backend applies, so both judge the same layers the same way)
+        self.fp64_below = (wide.smallest_normal * 2.0 ** (wide.mantissa_bits + 2)
+                           if self.fmt.smallest_subnormal < wide.smallest_normal else 0.0)
+        self.act = get_activation(case.activation)
+        self.alpha = case.residual
+        self.backward = backward
+        self.rows = {k: [] for k in ("pre", "post", "grad", "grad_pre", "wgrad")}
+        x0 = round_to_format(x0_64, self.fmt).astype(self.wide)
+        self.input_stats = tensor_stats(x0, x0, self.fmt)
+        self.x = x0
+        self.saved = []  # backward: per layer (dtype, x_in, W, pre, h), all rounded
+        self.shadow = x0.astype(_np.float64) if rel_error else None
+        self.rel_error = [] if rel_error else None
+
+    # ---- forward ----
+
+    def step(self, layer: int, w_np: _np.ndarray, b_np: _np.ndarray | None) -> None:
+        """Advance one layer with W_l (out, in) and b_l already rounded to the format."""
+        with _np.errstate(all="ignore"):
+            self._step(w_np, b_np)
+            if self.shadow is not None:
+                self._step_shadow(w_np, b_np)
+
+    def _layer_dtype(self, x: _np.ndarray) -> _np.dtype:
+        return _np.dtype(_np.float64) if self.fp64_below and _np.max(_np.abs(x)) < self.fp64_below else self.wide
+
+    def _tail(self, x: _np.ndarray, h: _np.ndarray, dt) -> _np.ndarray:
+        """act(h) [+ residual] in float64, rounded once to ``dt``: the exact post (h already rounded).
+        bf16 keeps float64: activation tails reach below fp32's normal range (as in the torch backend)."""
+        dt = _np.dtype(_np.float64) if self.fp64_below else dt
+        a = self.act.numpy_fn(_f64(h))
+        if self.alpha is None:
+            return a.astype(dt)
+        a = _round(a.astype(dt), self.fmt)
+        return (_f64(x) + self.alpha * _f64(a)).astype(dt)
+
+    def _step(self, w_np, b_np) -> None:
+        fmt = self.fmt
+        dt = self._layer_dtype(self.x)
+        x, w = self.x.astype(dt), w_np.astype(dt)
+        pre_e = x @ w.T
+        if b_np is not None:
+            pre_e += b_np.astype(dt)
+        pre = _round(pre_e, fmt)
+        self.rows["pre"].append(tensor_stats(pre_e, pre, fmt))
+        h = pre if self.case.norm == "none" else _round(_norm(self.case.norm, _f64(pre)).astype(dt), fmt)
+        post_e = self._tail(x, h, dt)
+        post = _round(post_e, fmt)
+        self.rows["post"].append(tensor_stats(post_e, post, fmt))
+        if self.backward:
+            self.saved.append((dt, x, w, pre, h))
+        self.x = post.astype(self.wide)
+
+    def _step_shadow(self, w_np, b_np) -> None:
+        """The fp64 chain with the same weights; rel_error = ||post - shadow|| / ||shadow||."""
+        s = self.shadow
+        pre = s @ _f64(w_np).T
+        if b_np is not None:
+            pre += _f64(b_np)
+        h = pre if self.case.norm == "none" else _norm(self.case.norm, pre)
+        a = self.act.numpy_fn(h)
+        self.shadow = a if self.alpha is None else s + self.alpha * a
+        num = _np.linalg.norm(_f64(self.x) - self.shadow)
+        self.rel_error.append(float(num / _np.linalg.norm(self.shadow)))
+
+    # ---- backward ----
+
+    def run_backward(self, g64: _np.ndarray) -> None:
+        """loss = sum(post_depth * g) * loss_scale; records grad, grad_pre, wgrad per layer."""
+        thr = self.case.underflow_threshold
+        seed = round_to_format(g64 * self.case.loss_scale, self.fmt).astype(self.wide)
+        rows = {k: [] for k in ("grad", "grad_pre", "wgrad")}
+        with _np.errstate(all="ignore"):
+            for kind, exact, rounded in self._gradients(seed):
+                rows[kind].append(_np.concatenate([tensor_stats(exact, rounded, self.fmt),
+                                                   grad_extra_stats(exact, thr)]))
+        for kind, r in rows.items():
+            self.rows[kind] = r[::-1]  # produced depth .. 1; stored by layer number
+
+    def _gradients(self, seed: _np.ndarray) -> Iterator[tuple[str, _np.ndarray, _np.ndarray]]:
+        """Backprop from dL/dpost_depth = seed, yielding (kind, exact, rounded) from layer depth down.
+
+        Per layer, each product in float64 rounded once to the layer's dtype, then to the format:
+            g_post = rnd(dL/dpost)             g_act = rnd(alpha * g_post) (residual) else g_post
+            dL/dh  = g_act * act'(h)           dL/dpre = norm'(rnd(dL/dh)) (norm) else dL/dh
+            g_pre  = rnd(dL/dpre)              dL/dW = g_pre.T @ x,   dL/dx = g_pre @ W (+ g_post)
+        """
+        fmt, alpha = self.fmt, self.alpha
+        g_e = seed
+        while self.saved:
+            dt, x, w, pre, h = self.saved.pop()
+            g_post = _round(g_e, fmt)  # g_e keeps the dtype of the layer above that produced it
+            yield "grad", g_e, g_post
+            g_post = g_post.astype(dt)
+            g_act = g_post if alpha is None else _round((alpha * _f64(g_post)).astype(dt), fmt)
+            gh_e = (_f64(g_act) * self.act.numpy_grad(_f64(h))).astype(dt)
+            if self.case.norm == "none":
+                gpre_e = gh_e
+            else:
+                gpre_e = _norm_grad(self.case.norm, _f64(pre), _f64(_round(gh_e, fmt))).astype(dt)
+            g_pre = _round(gpre_e, fmt)
+            yield "grad_pre", gpre_e, g_pre
+            gw_e = g_pre.T @ x
+            yield "wgrad", gw_e, _round(gw_e, fmt)
+            g_e = g_pre @ w
+            if alpha is not None:
+                g_e += g_post
+
+    # ---- results ----
+
+    def columns(self, kind: str) -> dict:
+        return _columns(self.rows[kind], self.fmt)
+
+    def input_columns(self) -> dict:
+        cols = _columns([self.input_stats], self.fmt)
+        return {k: (None if v is None else float(v[0])) for k, v in cols.items()}
+
+    def rel_error_values(self) -> list | None:
+        return self.rel_error
