@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(also read: [tool.precision-suite] in ./pyproject.toml)")
     opts.add_argument("--quiet", "-q", action="store_true", help="no progress, summary only")
 
+    report = sub.add_parser("report", help="render the HTML report of a results file",
+                            description="Render one self-contained HTML report (no network) from a results "
+                                        "JSON; with --baseline, add a section listing the cases whose events moved.")
+    report.add_argument("results", metavar="RESULTS.json")
+    report.add_argument("-o", "--output", metavar="PATH", help="HTML path (default: report.html beside RESULTS.json)")
+    report.add_argument("--baseline", metavar="OTHER.json", help="results of an earlier run to diff against")
+
     merge = sub.add_parser("merge", help="merge result shards (e.g. from several CI machines) into one file")
     merge.add_argument("inputs", nargs="+", metavar="RESULTS.json")
     merge.add_argument("-o", "--output", required=True, metavar="PATH")
@@ -174,6 +181,31 @@ def _write_report(results, html_path: Path):
     return write_report(results, html_path)
 
 
+def _load_for_report(path: str):
+    from .results import ResultsError, load_results
+
+    try:
+        return load_results(path)
+    except ResultsError as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # e.g. a spec this version cannot parse
+        raise UsageError(f"{path} is not a readable precision-suite results file: {e}") from None
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    results = _load_for_report(args.results)
+    baseline = None if args.baseline is None else _load_for_report(args.baseline)
+    output = Path(args.output) if args.output else Path(args.results).parent / "report.html"
+    try:
+        path = write_report(results, output, baseline=baseline)
+    except OSError as e:
+        raise UsageError(f"cannot write {output}: {e.strerror or e}") from None
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_merge(args) -> int:
     from .results import ResultsError, load_results, merge_results, write_json_atomic
 
@@ -207,7 +239,7 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "merge": _cmd_merge, "formats": _cmd_formats, "env": _cmd_env}
+_COMMANDS = {"run": _cmd_run, "report": _cmd_report, "merge": _cmd_merge, "formats": _cmd_formats, "env": _cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,611 @@
+"""Results -> a JSON-ready view of the report: what the templates print and what the charts draw.
+
+Two parts, like pytest-html's ``report_data``: ``view`` (plain dicts, lists, strings and numbers the
+jinja2 template renders, every string escaped there) and ``charts`` (one blob of per-layer series,
+inlined into the page as escaped JSON for the vendored chart library). Charts plot log2 |value|:
+one unit is one binade, so the distance to a format's band is headroom in bits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+import numpy as _np
+
+from ..formats import FORMATS, get_format
+from ..results import CaseResult, Results
+from ..spec import Case
+from ..stats import EVENT_NAMES
+from ..summary import describe_failure
+
+__all__ = ["diff_results", "headroom", "report_data", "theory_prediction"]
+
+# spec fields that pick a heatmap column (the rest, except init, pick the heatmap's group)
+_COLUMN_AXES = ("format", "device", "mode", "backend")
+_GROUP_AXES = ("activation", "norm", "residual", "input", "bias", "width", "depth", "batch", "seed",
+               "underflow_threshold", "loss_scale")
+_FORMAT_ORDER = {name: i for i, name in enumerate(FORMATS)}
+_EVENT_LABELS = {
+    "first_overflow": "overflow", "first_nan": "NaN", "first_zero": "dead (all zero)",
+    "first_underflow": "underflow ≥ threshold", "first_underflow_any": "first underflowed element",
+    "first_subnormal": "subnormal ≥ threshold",
+}
+_THEORY_EVENTS = (("overflow", "first_overflow"), ("zero", "first_zero"), ("underflow", "first_underflow"))
+_KIND_LABEL = {"overflow": "overflow", "nan": "NaN", "zero": "dead", "underflow": "underflow"}
+# per-layer statistics drawn on the range charts, and the fractions drawn under them
+_RANGE_STATS = ("rms", "amax", "amin_nonzero")
+_FRACTION_STATS = ("underflow_frac", "subnormal_frac", "zero_frac")
+_SHORT_STAT = {"rms": "rms", "amax": "amax", "amin_nonzero": "amin", "underflow_frac": "underflow",
+               "subnormal_frac": "subnormal", "zero_frac": "zero"}
+_LOSS_SCALE_KEYS = (("max_safe_scale", "largest safe scale"), ("min_useful_scale", "smallest useful scale"),
+                    ("recommended", "recommended"), ("gradscaler_backoffs", "GradScaler back-offs from 2^16"))
+
+
+# ---------------------------------------------------------------- small formatting helpers
+
+def _anchor(case_id: str) -> str:
+    """An HTML id from a case id: letters, digits, ``-``, ``_`` and ``.`` only."""
+    return "case-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", case_id)
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float, _np.floating)) and math.isfinite(v)
+
+
+def _fmt_num(v) -> str:
+    if v is None:
+        return "n/a"
+    v = float(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    return f"{v:.4g}"
+
+
+def _fmt_scale(v) -> str:
+    """A loss scale as ``2^k (value)`` when it is a power of two; null (no bound / none fits) as a dash."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if not math.isfinite(v) or v <= 0:
+        return _fmt_num(v)
+    k = math.log2(v)
+    if k == round(k):
+        return f"2^{int(k)} ({v:g})"
+    return f"{v:g}"
+
+
+def _log2_list(values, decimals: int = 2) -> list:
+    """log2 |v| per layer, rounded; zero, inf and NaN become null (a gap in the line)."""
+    a = _np.abs(_np.asarray(values, dtype=_np.float64))
+    with _np.errstate(divide="ignore", invalid="ignore"):
+        lg = _np.log2(a)
+    ok = _np.isfinite(lg)
+    out = _np.round(lg, decimals).tolist()
+    return [x if k else None for x, k in zip(out, ok.tolist())]
+
+
+def _frac_list(values) -> list:
+    a = _np.asarray(values, dtype=_np.float64)
+    ok = _np.isfinite(a)
+    out = _np.round(a, 5).tolist()
+    return [x if k else None for x, k in zip(out, ok.tolist())]
+
+
+def _plain(obj):
+    """Any JSON-ish tree with numpy scalars and non-finite floats -> strict-JSON-safe plain values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, _np.ndarray)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (bool, _np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, _np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, _np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+# ---------------------------------------------------------------- formats
+
+def _format_view(name: str) -> dict:
+    """The band values of one format, in its units and as log2 (from finfo via ``formats``)."""
+    f = get_format(name)
+    t_of = f.overflow_threshold
+    return {"name": f.name, "max": f.max, "smallest_normal": f.smallest_normal,
+            "smallest_subnormal": f.smallest_subnormal, "overflow_threshold": t_of if math.isfinite(t_of) else None,
+            "log2_max": math.log2(f.max), "log2_normal": math.log2(f.smallest_normal),
+            "log2_subnormal": math.log2(f.smallest_subnormal),
+            "log2_overflow": math.log2(t_of) if math.isfinite(t_of) else None,
+            "has_wider": f.has_wider}
+
+
+# ---------------------------------------------------------------- theory, headroom, loss scale
+
+def theory_prediction(theory: dict | None, key: str = "forward") -> dict:
+    """What theory says about one pass: ``{"status": "prediction"|"not applicable"|"none", ...}``.
+
+    ``theory`` is the case's theory block; its top level is the forward prediction and
+    ``theory["backward"]`` (when there) the backward one. Inside an applicable block a null event
+    means "predicted never within depth".
+    """
+    if not theory:
+        return {"status": "none", "text": "no prediction", "reason": "these results carry no theory block"}
+    if not theory.get("applicable", False):
+        reason = theory.get("reason") or "theory does not apply to this case"
+        return {"status": "not applicable", "text": "no prediction", "reason": reason}
+    block = theory if key == "forward" else theory.get("backward")
+    if not isinstance(block, dict):
+        return {"status": "none", "text": "no prediction", "reason": f"theory has no {key} prediction"}
+    if not block.get("applicable", True):
+        return {"status": "not applicable", "text": "no prediction",
+                "reason": block.get("reason") or f"theory does not apply to this case's {key} pass"}
+    events = {name: block.get(name) for _, name in _THEORY_EVENTS}
+    found = [(layer, rank, kind) for rank, (kind, name) in enumerate(_THEORY_EVENTS)
+             if isinstance((layer := events[name]), (int, float)) and math.isfinite(layer)]
+    if not found:
+        return {"status": "prediction", "text": "survives", "layer": None, "kind": None, "events": events,
+                "reason": None}
+    pick = max if key == "backward" else min  # backward events count from the top layer down
+    layer = pick(f[0] for f in found)
+    kind = min((f for f in found if f[0] == layer), key=lambda f: f[1])[2]
+    return {"status": "prediction", "text": f"{_KIND_LABEL[kind]} @ {int(layer)}", "layer": int(layer), "kind": kind,
+            "events": events, "reason": None}
+
+
+def headroom(tensors: dict, fmt_name: str) -> dict:
+    """Tightest headroom in bits over layers and tensors: ``log2(T_of / amax)`` above,
+    ``log2(amin_nonzero / smallest_subnormal)`` below. ``tensors`` maps a name (pre, post, ...)
+    to its statistics columns. Negative overflow headroom or ``amax`` = inf/NaN means overflowed."""
+    f = get_format(fmt_name)
+    t_of = f.overflow_threshold
+    out = {}
+    top = None  # (bits, layer, tensor)
+    bottom = None
+    for name, stats in tensors.items():
+        if not stats:
+            continue
+        amax = stats.get("amax")
+        if amax is not None and math.isfinite(t_of):
+            a = _np.asarray(amax, dtype=_np.float64)
+            with _np.errstate(divide="ignore", invalid="ignore"):
+                bits = _np.where(_np.isfinite(a), math.log2(t_of) - _np.log2(a), -_np.inf)
+            bits = _np.where(_np.isnan(bits), _np.inf, bits)  # amax 0 -> nothing to overflow
+            i = int(_np.argmin(bits))
+            if top is None or bits[i] < top[0]:
+                top = (float(bits[i]), i + 1, name)
+        amin = stats.get("amin_nonzero")
+        if amin is not None:
+            a = _np.asarray(amin, dtype=_np.float64)
+            good = _np.isfinite(a) & (a > 0)
+            if good.any():
+                bits = _np.full(a.shape, _np.inf)
+                bits[good] = _np.log2(a[good]) - math.log2(f.smallest_subnormal)  # the ratio overflows in fp64
+                i = int(_np.argmin(bits))
+                if bottom is None or bits[i] < bottom[0]:
+                    bottom = (float(bits[i]), i + 1, name)
+    if not math.isfinite(t_of):
+        out["overflow"] = {"text": f"n/a ({f.name} has no wider format to overflow into)", "bits": None}
+    elif top is None:
+        out["overflow"] = {"text": "n/a", "bits": None}
+    elif not math.isfinite(top[0]):
+        out["overflow"] = {"text": f"none left: overflowed at layer {top[1]} ({top[2]})", "bits": top[0],
+                           "layer": top[1]}
+    else:
+        out["overflow"] = {"text": f"{top[0]:+.1f} bits at layer {top[1]} ({top[2]})", "bits": top[0], "layer": top[1]}
+    if bottom is None:
+        out["underflow"] = {"text": "n/a (no nonzero values)", "bits": None}
+    else:
+        out["underflow"] = {"text": f"{bottom[0]:+.1f} bits at layer {bottom[1]} ({bottom[2]})", "bits": bottom[0],
+                            "layer": bottom[1]}
+    return out
+
+
+def _loss_scale_view(backward, case: Case) -> dict:
+    if backward is None:
+        return {"status": "none", "text": "forward pass only (--no-backward): no gradients, no advice"}
+    ls = backward.loss_scale
+    if not ls:
+        return {"status": "none", "text": "no loss-scale advice in these results"}
+    rows = [(label, _fmt_scale(ls.get(key)) if key != "gradscaler_backoffs" else
+             ("—" if ls.get(key) is None else str(ls.get(key))))
+            for key, label in _LOSS_SCALE_KEYS if key in ls]
+    known = {k for k, _ in _LOSS_SCALE_KEYS} | {"verdict"}
+    rows += [(k.replace("_", " "), str(v)) for k, v in ls.items() if k not in known]
+    return {"status": "advice", "rows": rows, "verdict": ls.get("verdict") or "",
+            "applied": _fmt_scale(case.loss_scale) if case.loss_scale != 1.0 else None}
+
+
+# ---------------------------------------------------------------- per case
+
+def _event_text(layer) -> str:
+    return "—" if layer is None else str(layer)
+
+
+def _events_rows(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> list:
+    """Rows (event, forward, theory forward, backward, theory backward) for the case's events table."""
+    rows = []
+    fe = r.forward.events
+    be = r.backward.events if r.backward else None
+    for name in EVENT_NAMES:
+        row = {"event": _EVENT_LABELS[name], "forward": _event_text(getattr(fe, name)),
+               "backward": "n/a" if be is None else _event_text(getattr(be, name))}
+        for col, th in (("theory_forward", fwd_theory), ("theory_backward", bwd_theory)):
+            if th["status"] != "prediction" or name not in th["events"]:
+                row[col] = ""
+            else:
+                v = th["events"][name]
+                row[col] = "never" if v is None else str(int(v))
+        rows.append(row)
+    return rows
+
+
+def _series(stats: dict, names, transform, input_stats: dict | None = None) -> dict:
+    """``{"post.rms": [...], ...}`` per tensor and statistic. With ``input_stats`` every series
+    starts at x = 0, the input: its value for post (x_0 is layer 0's output), a gap for pre."""
+    out = {}
+    for tensor, cols in stats.items():
+        for stat in names:
+            v = (cols or {}).get(stat)
+            if v is None:  # not available (fp64 has no wider format)
+                continue
+            values = transform(v)
+            if input_stats is not None:
+                iv = input_stats.get(stat) if tensor == "post" else None
+                values = [None if iv is None else transform([iv])[0], *values]
+            out[f"{tensor}.{_SHORT_STAT[stat]}"] = values
+    return out
+
+
+def _theory_curves(block, of: str) -> dict:
+    """Per-layer lists inside a theory block as log2 series keyed by their legend label.
+
+    theory.py's ``rms`` is sqrt(q_l), the predicted rms of ``pre`` forward and of the gradient
+    w.r.t. pre (``grad_pre``) backward; any other per-layer list is drawn under its own name.
+    """
+    if not isinstance(block, dict) or not block.get("applicable", True):
+        return {}
+    return {(f"theory rms ({of})" if k == "rms" else "theory " + k.replace("_", " ")):
+            _log2_list([_np.nan if x is None else x for x in v]) for k, v in block.items()
+            if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v)}
+
+
+def _case_charts(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> dict:
+    """The per-layer series of one case. Forward series have depth + 1 points: x = 0 is the input."""
+    c = r.case
+    out = {"id": r.id, "fmt": c.format, "depth": c.depth, "thr": c.underflow_threshold}
+    if r.forward is None:
+        return out
+    fw = {"pre": r.forward.pre, "post": r.forward.post}
+    out["f"] = _series(fw, _RANGE_STATS, _log2_list, input_stats=r.forward.input or {})
+    out["ff"] = _series(fw, _FRACTION_STATS, _frac_list, input_stats=r.forward.input or {})
+    markers = []
+    if r.forward.events.failure:
+        markers.append({"x": r.forward.events.failure["layer"], "label": _KIND_LABEL[r.forward.events.failure["kind"]],
+                        "kind": "measured"})
+    if fwd_theory["status"] == "prediction" and fwd_theory["layer"] is not None:
+        markers.append({"x": fwd_theory["layer"], "label": "theory " + _KIND_LABEL[fwd_theory["kind"]], "kind": "theory"})
+    out["fm"] = markers
+    if r.theory and r.theory.get("applicable"):
+        out["ft"] = _theory_curves(r.theory, "pre")
+    if r.backward is not None:
+        bw = {"grad": r.backward.grad, "grad_pre": r.backward.grad_pre, "wgrad": r.backward.wgrad}
+        out["b"] = _series(bw, _RANGE_STATS, _log2_list)
+        out["bf"] = _series(bw, _FRACTION_STATS, _frac_list)
+        markers = []
+        if r.backward.events.failure:
+            markers.append({"x": r.backward.events.failure["layer"],
+                            "label": _KIND_LABEL[r.backward.events.failure["kind"]], "kind": "measured"})
+        if bwd_theory["status"] == "prediction" and bwd_theory["layer"] is not None:
+            markers.append({"x": bwd_theory["layer"], "label": "theory " + _KIND_LABEL[bwd_theory["kind"]],
+                            "kind": "theory"})
+        out["bm"] = markers
+        if r.theory and r.theory.get("applicable"):
+            out["bt"] = _theory_curves(r.theory.get("backward"), "grad pre")
+    return out
+
+
+def _spec_rows(c: Case) -> list:
+    rows = [("init", c.init), ("activation", c.activation), ("format", c.format), ("device", c.device),
+            ("mode", c.mode), ("backend", c.backend), ("width", str(c.width)), ("depth", str(c.depth)),
+            ("batch", str(c.batch)), ("seed", str(c.seed)), ("input", c.input), ("norm", c.norm),
+            ("residual", "off" if c.residual is None else f"alpha = {c.residual:g}"), ("bias", "on" if c.bias else "off"),
+            ("underflow threshold", f"{c.underflow_threshold:g}")]
+    if c.loss_scale != 1.0:
+        rows.append(("loss scale applied", _fmt_scale(c.loss_scale)))
+    return rows
+
+
+def _survived(r: CaseResult) -> int | None:
+    """Layers passed intact: failure layer - 1, or the depth when nothing failed."""
+    if r.status != "ok" or r.forward is None:
+        return None
+    f = r.forward.events.failure
+    return r.case.depth if f is None else f["layer"] - 1
+
+
+def _cell_colour(r: CaseResult) -> str:
+    """Background by depth survived: red (dies at once) through amber to green (survives the depth)."""
+    s = _survived(r)
+    if s is None:
+        return "hsl(0, 0%, 85%)"
+    if s >= r.case.depth:
+        return "hsl(130, 50%, 80%)"
+    frac = s / r.case.depth
+    return f"hsl({round(4 + 44 * frac)}, {round(85 - 10 * frac)}%, {round(68 + 12 * frac)}%)"
+
+
+def _case_view(index: int, r: CaseResult) -> dict:
+    c = r.case
+    fwd_theory = theory_prediction(r.theory, "forward")
+    bwd_theory = theory_prediction(r.theory, "backward")
+    v = {"index": index, "id": r.id, "anchor": _anchor(r.id), "status": r.status, "error": r.error,
+         "seconds": f"{r.seconds:.2f}", "spec": _spec_rows(c), "format": _format_view(c.format),
+         "theory": fwd_theory, "theory_backward": bwd_theory, "depth": c.depth}
+    if r.status != "ok" or r.forward is None:
+        v.update(forward_text=r.status, backward_text="", failing=True, has_backward=False)
+        return v
+    v["forward_text"] = describe_failure(r.forward.events, c.depth)
+    v["failing"] = r.forward.events.failure is not None
+    v["has_backward"] = r.backward is not None
+    v["backward_text"] = describe_failure(r.backward.events, c.depth) if r.backward else ""
+    v["events"] = _events_rows(r, fwd_theory, bwd_theory)
+    warn = []
+    if r.forward.events.first_subnormal is not None:
+        warn.append(f"subnormal fraction ≥ {c.underflow_threshold:g} from layer {r.forward.events.first_subnormal}")
+    if r.forward.events.first_underflow_any is not None:
+        warn.append(f"first underflowed element at layer {r.forward.events.first_underflow_any}")
+    v["warnings"] = warn
+    v["headroom"] = headroom({"pre": r.forward.pre, "post": r.forward.post}, c.format)
+    if r.backward is not None:
+        v["headroom_backward"] = headroom({"grad": r.backward.grad, "grad_pre": r.backward.grad_pre,
+                                           "wgrad": r.backward.wgrad}, c.format)
+    v["loss_scale"] = _loss_scale_view(r.backward, c)
+    return v
+
+
+# ---------------------------------------------------------------- summary: groups, heatmaps, verdicts
+
+def _varying(cases, axes) -> list:
+    return [a for a in axes if len({getattr(r.case, a) for r in cases}) > 1]
+
+
+def _axis_label(axis: str, value) -> str:
+    if axis == "norm":
+        return value if value != "none" else "no norm"
+    if axis == "residual":
+        return "no residual" if value is None else f"residual {value:g}"
+    if axis == "bias":
+        return "bias" if value else "no bias"
+    if axis == "input":
+        return f"input {value}"
+    if axis == "underflow_threshold":
+        return f"threshold {value:g}"
+    if axis == "loss_scale":
+        return f"loss scale {value:g}"
+    if axis in ("width", "depth", "batch", "seed"):
+        return f"{axis} {value}"
+    return str(value)
+
+
+def _cell(index: int, r: CaseResult) -> dict:
+    th = theory_prediction(r.theory, "forward")
+    if r.status != "ok" or r.forward is None:
+        label = r.status
+        grad = ""
+        kind = r.status
+    else:
+        label = describe_failure(r.forward.events, r.case.depth)
+        kind = r.forward.events.failure["kind"] if r.forward.events.failure else "survived"
+        grad = ("∇ " + describe_failure(r.backward.events, r.case.depth)) if r.backward else ""
+    return {"index": index, "id": r.id, "anchor": _anchor(r.id), "label": label, "kind": kind,
+            "layer": r.forward.events.failure["layer"] if r.status == "ok" and r.forward and r.forward.events.failure else None,
+            "theory": th["text"] if th["status"] == "prediction" else "no prediction",
+            "theory_title": th.get("reason") or "", "grad": grad, "colour": _cell_colour(r),
+            "error": r.error or "", "survived": _survived(r)}
+
+
+def _column_verdict(col_label: str, cells: list) -> str:
+    """``in fp16, 3 of 8 inits die before layer 100: normal (overflow @ 4), ...; 5 survive``."""
+    ran = [(init, c) for init, c in cells if c is not None and c["kind"] not in ("error", "skipped")]
+    errors = [(init, c) for init, c in cells if c is not None and c["kind"] in ("error", "skipped")]
+    dead = sorted(((init, c) for init, c in ran if c["layer"] is not None), key=lambda t: t[1]["layer"])
+    parts = []
+    if ran:
+        if dead:
+            names = ", ".join(f"{init} ({c['label']})" for init, c in dead)
+            parts.append(f"in {col_label}, {len(dead)} of {len(ran)} inits fail: {names}")
+            if len(dead) < len(ran):
+                parts[-1] += f"; {len(ran) - len(dead)} survive"
+        else:
+            parts.append(f"in {col_label}, all {len(ran)} inits survive")
+    if errors:
+        where = "" if ran else f"in {col_label}, "
+        parts.append(f"{where}{len(errors)} could not run ({', '.join(init for init, _ in errors)})")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def _format_verdicts(results: Results, cases_by_fmt: dict) -> list:
+    out = []
+    for fmt in sorted(cases_by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99)):
+        cases = cases_by_fmt[fmt]
+        ran = [r for r in cases if r.status == "ok" and r.forward is not None]
+        not_run = len(cases) - len(ran)
+        failing = [r for r in ran if r.forward.events.failure]
+        depths = sorted({r.case.depth for r in ran})
+        within = f"depth {depths[0]}" if len(depths) == 1 else "their depth"
+        if not ran:
+            sentence = f"no {fmt} case ran ({not_run} errors or skips)."
+        elif not failing:
+            sentence = f"all {len(ran)} cases survive to {within}."
+        else:
+            by_kind = defaultdict(list)
+            for r in failing:
+                by_kind[r.forward.events.failure["kind"]].append(r)
+            kinds = []
+            for kind in ("overflow", "nan", "zero", "underflow"):
+                rs = by_kind.get(kind)
+                if not rs:
+                    continue
+                first = min(rs, key=lambda r: r.forward.events.failure["layer"])
+                kinds.append(f"{len(rs)} {_KIND_LABEL[kind]} (earliest: {first.case.activation} · {first.case.init} "
+                             f"@ {first.forward.events.failure['layer']})")
+            sentence = f"{len(failing)} of {len(ran)} cases fail within {within}: " + ", ".join(kinds) + "."
+            inits = defaultdict(list)
+            for r in ran:
+                inits[r.case.init].append(r.forward.events.failure is None)
+            safe = [i for i, ok in inits.items() if all(ok)]
+            others = {tuple(getattr(r.case, a) for a in _GROUP_AXES[1:] + _COLUMN_AXES[1:]) for r in ran}
+            setting = "activation" if len(others) == 1 else "setting"
+            if safe:
+                sentence += f" Survive every {setting}: {', '.join(safe)}."
+            else:
+                sentence += f" No init survives every {setting}."
+        if not_run and ran:
+            sentence += f" {not_run} did not run."
+        out.append({"format": fmt, "sentence": sentence, "failing": len(failing), "ran": len(ran)})
+    return out
+
+
+def _groups(results: Results, case_index: dict) -> list:
+    cases = list(results.cases)
+    group_axes = [a for a in _GROUP_AXES if a == "activation" or len({getattr(r.case, a) for r in cases}) > 1
+                  or (a in ("norm", "residual", "input", "bias") and any(
+                      getattr(r.case, a) != getattr(Case(), a) for r in cases))]
+    column_axes = ["format"] + [a for a in _COLUMN_AXES[1:] if len({getattr(r.case, a) for r in cases}) > 1]
+    grouped: dict[tuple, list] = {}
+    for r in cases:
+        grouped.setdefault(tuple(getattr(r.case, a) for a in group_axes), []).append(r)
+    out = []
+    for gi, (gkey, members) in enumerate(grouped.items()):
+        title = " · ".join(_axis_label(a, v) for a, v in zip(group_axes, gkey))
+        cols: dict[tuple, str] = {}
+        for r in sorted(members, key=lambda r: (_FORMAT_ORDER.get(r.case.format, 99),
+                                                 *(str(getattr(r.case, a)) for a in column_axes[1:]))):
+            ckey = tuple(getattr(r.case, a) for a in column_axes)
+            cols.setdefault(ckey, " / ".join(str(v) for v in ckey))
+        inits = list(dict.fromkeys(r.case.init for r in members))
+        table = {(r.case.init, tuple(getattr(r.case, a) for a in column_axes)): r for r in members}
+        rows = []
+        for init in inits:
+            rows.append({"init": init, "cells": [
+                _cell(case_index[id(table[(init, ck)])], table[(init, ck)]) if (init, ck) in table else None
+                for ck in cols]})
+        columns, verdicts, comparisons = [], [], []
+        for ci, (ckey, label) in enumerate(cols.items()):
+            columns.append({"label": label, "format": ckey[0]})
+            col_cells = [(row["init"], row["cells"][ci]) for row in rows]
+            verdicts.append(_column_verdict(label, col_cells))
+            members_col = [(init, c) for init, c in col_cells if c is not None and c["kind"] not in ("error", "skipped")]
+            if members_col:
+                comparisons.append({"title": f"{label} ({title})", "format": ckey[0],
+                                    "cases": [c["index"] for _, c in members_col],
+                                    "labels": [f"{init} · {c['label']}" for init, c in members_col]})
+        out.append({"anchor": f"group-{gi}", "title": title, "columns": columns, "rows": rows,
+                    "verdicts": [v for v in verdicts if v], "comparisons": comparisons})
+    return out
+
+
+# ---------------------------------------------------------------- baseline diff
+
+def diff_results(current: Results, baseline: Results) -> dict:
+    """Cases (matched by id) whose events or status moved between ``baseline`` and ``current``.
+
+    Every event of both passes is compared exactly (a layer number or never); the environment
+    keys whose values differ are listed too, since they are usually why something moved.
+    """
+    base = baseline.by_id()
+    cur = current.by_id()
+    moved = []
+    status_changed = []
+    shared = [i for i in cur if i in base]
+    for cid in shared:
+        a, b = base[cid], cur[cid]
+        if a.status != b.status:
+            status_changed.append({"id": cid, "anchor": _anchor(cid), "before": a.status, "after": b.status,
+                                   "error": b.error or a.error or ""})
+            continue
+        if a.status != "ok":
+            continue
+        for pass_name, ea, eb in (("forward", a.forward and a.forward.events, b.forward and b.forward.events),
+                                  ("backward", a.backward and a.backward.events, b.backward and b.backward.events)):
+            if ea is None or eb is None:
+                if (ea is None) != (eb is None):
+                    moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": "recorded",
+                                  "before": "yes" if ea else "no", "after": "yes" if eb else "no", "delta": ""})
+                continue
+            fa = ea.failure and f"{_KIND_LABEL[ea.failure['kind']]} @ {ea.failure['layer']}"
+            fb = eb.failure and f"{_KIND_LABEL[eb.failure['kind']]} @ {eb.failure['layer']}"
+            if fa != fb:
+                moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": "failure",
+                              "before": fa or "none", "after": fb or "none",
+                              "delta": _delta(ea.failure and ea.failure["layer"], eb.failure and eb.failure["layer"])})
+            for name in EVENT_NAMES:
+                la, lb = getattr(ea, name), getattr(eb, name)
+                if la != lb:
+                    moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": _EVENT_LABELS[name],
+                                  "before": _event_text(la), "after": _event_text(lb), "delta": _delta(la, lb)})
+    env_a, env_b = _flatten(baseline.environment), _flatten(current.environment)
+    env_changes = [{"key": k, "before": env_a.get(k, "—"), "after": env_b.get(k, "—")}
+                   for k in sorted(set(env_a) | set(env_b)) if env_a.get(k) != env_b.get(k)]
+    return {"shared": len(shared), "moved": moved, "moved_cases": len({m["id"] for m in moved}),
+            "status_changed": status_changed, "only_current": [i for i in cur if i not in base],
+            "only_baseline": [i for i in base if i not in cur], "env_changes": env_changes,
+            "created": baseline.created, "tool_version": baseline.tool_version}
+
+
+def _delta(a, b) -> str:
+    if a is None or b is None:
+        return ""
+    return f"{b - a:+d}"
+
+
+def _flatten(env: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (env or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = "—" if v is None else str(v)
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+def report_data(results: Results, baseline: Results | None = None) -> dict:
+    """``{"view": ..., "charts": ...}`` for one Results (and an optional baseline to diff against)."""
+    cases = list(results.cases)
+    case_index = {id(r): i for i, r in enumerate(cases)}
+    by_fmt = defaultdict(list)
+    for r in cases:
+        by_fmt[r.case.format].append(r)
+    counts = {s: sum(r.status == s for r in cases) for s in ("ok", "error", "skipped")}
+    failing = sum(r.status == "ok" and r.forward is not None and r.forward.events.failure is not None for r in cases)
+    axes = []
+    for axis in ("init", "activation", "format", "device", "mode", "backend", "norm", "input", "width", "depth",
+                 "batch", "seed"):
+        values = list(dict.fromkeys(str(getattr(r.case, axis)) for r in cases))
+        axes.append({"axis": axis, "values": values})
+    case_views = [_case_view(i, r) for i, r in enumerate(cases)]
+    groups = _groups(results, case_index)
+    comparisons = [cmp for g in groups for cmp in g["comparisons"]]
+    for i, cmp in enumerate(comparisons):
+        cmp["index"] = i
+    view = {
+        "created": results.created, "tool_version": results.tool_version, "n_cases": len(cases), "counts": counts,
+        "failing": failing, "axes": axes, "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
+        "cases": case_views, "environment": sorted(_flatten(results.environment).items()),
+        "formats": [_format_view(n) for n in sorted(by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99))],
+        "baseline": None if baseline is None else diff_results(results, baseline),
+    }
+    charts = {"formats": {n: _format_view(n) for n in by_fmt},
+              "cases": [_case_charts(r, theory_prediction(r.theory, "forward"), theory_prediction(r.theory, "backward"))
+                        for r in cases],
+              "comparisons": [{k: cmp[k] for k in ("title", "format", "cases", "labels")} for cmp in comparisons]}
+    return {"view": view, "charts": _plain(charts)}
