@@ -420,13 +420,14 @@ def _pow2(k: int | None) -> float | None:
     return math.ldexp(1.0, k)
 
 
-def _largest_k_below(a: float, limit: float) -> int:
-    """The largest k with 2^k a < limit (a, limit > 0 and finite)."""
-    k = math.floor(math.log2(limit) - math.log2(a))
+def _largest_safe_k(a: float, fmt: Format) -> int:
+    """The largest k with 2^k a not overflowing ``fmt`` (a > 0 finite; below T_of, or at it where
+    the tie rounds to max, as in fp8_e4m3fn)."""
+    k = math.floor(math.log2(fmt.overflow_threshold) - math.log2(a))
     with _np.errstate(over="ignore"):
-        while _np.ldexp(a, k) >= limit:
+        while fmt.overflows(_np.ldexp(a, k)):
             k -= 1
-        while _np.ldexp(a, k + 1) < limit:
+        while not fmt.overflows(_np.ldexp(a, k + 1)):
             k += 1
     return k
 
@@ -449,7 +450,7 @@ def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_s
     ``exact_q`` (stats.GRAD_EXTRA_STATS) were measured at ``current_scale``. With A = max exact_amax
     and Q = min exact_q, both divided by the current scale, a power of two S = 2^k
 
-        overflows nothing      iff  S A < T_of                  -> max_safe_scale = max such S
+        overflows nothing      iff  S A < T_of (fmt.overflows)  -> max_safe_scale = max such S
         lifts every underflow  iff  S Q > smallest_subnormal/2  -> min_useful_scale = min such S
         fraction below ``threshold``
 
@@ -481,7 +482,7 @@ def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_s
         advice["verdict"] = "every gradient is exactly zero: there is nothing for a loss scale to lift"
         return advice
     t_of, t_under = fmt.overflow_threshold, fmt.underflow_threshold
-    k_max = _largest_k_below(a, t_of) if math.isfinite(t_of) else None
+    k_max = _largest_safe_k(a, fmt) if math.isfinite(t_of) else None
     k_min = _smallest_k_above(q_min, t_under) if math.isfinite(q_min) else None
     init_scale, backoff = _gradscaler_defaults()
     backoffs = 0
@@ -501,7 +502,7 @@ def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_s
     bounds = [f"scales above 2^{k_max} overflow a gradient" if k_max is not None else "no scale overflows",
               f"below 2^{k_min} >= {threshold:g} of a layer's gradients underflow" if k_min is not None
               else "none underflows"]
-    fits = (k_max is None or current_scale * a < t_of) and (k_min is None or current_scale * q_min > t_under)
+    fits = not fmt.overflows(current_scale * a) and (k_min is None or current_scale * q_min > t_under)
     advice["verdict"] = (f"loss scale 2^{k} fits {fmt.name}: {', '.join(bounds)}; "
                          f"the current scale {current_scale:g} {'fits' if fits else 'does not fit'}")
     lost = _lost_below(backward_columns["grad"], backward_columns["grad_pre"])
