@@ -7,7 +7,6 @@ nothing written), 130 interrupted (finished cases are kept in the JSON). ``--hel
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

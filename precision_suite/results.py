@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as _np
@@ -213,11 +213,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_results(path: str | os.PathLike) -> Results:
@@ -228,9 +235,11 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"results file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResultsError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ResultsError(f"{path} is not a precision-suite results file (top level is {type(data).__name__})")
     try:
         return Results.from_dict(data)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise ResultsError(f"{path} does not follow the results schema: missing or malformed {e}") from None
 
 

@@ -113,17 +113,19 @@ def _moments(r, amax_h):
 
 def grad_extra_stats(exact, threshold: float):
     """[C, 2]: exact_amax and exact_q of each of C stacked gradients (see ``stats.GRAD_EXTRA_STATS``):
-    the (z + m + 1)-th smallest |exact| with z exact zeros and m = ceil(threshold * n) - 1."""
+    the (m + 1)-th smallest nonzero |exact|, m = ceil(threshold * n) - 1 — one batched kthvalue
+    over rows whose zeros (and NaNs) are moved to the top."""
     import torch
 
     c = exact.shape[0]
-    a = exact.detach().reshape(c, -1).abs()
+    a = torch.nan_to_num(exact.detach().reshape(c, -1).abs(), nan=0.0, posinf=math.inf)
     n = a.shape[1]
     m = math.ceil(threshold * n) - 1
-    k = (n - torch.count_nonzero(a, dim=1) + m + 1).tolist()
-    q = [torch.kthvalue(a[i], k[i]).values if k[i] <= n else torch.tensor(math.inf, device=a.device, dtype=a.dtype)
-         for i in range(c)]
-    return torch.stack([a.amax(dim=1), torch.stack(q)], dim=1).double()
+    top = torch.finfo(a.dtype).max
+    lifted = torch.add(a, 1 - torch.sign(a), alpha=top)  # zeros -> max, nonzeros unchanged
+    q = torch.kthvalue(lifted, m + 1, dim=1).values if m < n else torch.full((c,), top, dtype=a.dtype, device=a.device)
+    q = torch.where(q >= top, math.inf, q)  # fewer than m + 1 nonzero values
+    return torch.stack([a.amax(dim=1), q], dim=1).double()
 
 
 def columns(rows: list, fmt: Format, index: int) -> dict:
