@@ -221,7 +221,8 @@ def _cmd_merge(args) -> int:
 def _cmd_formats(args) -> int:
     from .formats import FORMATS
 
-    head = f"{'format':<11} {'max':>12} {'overflow at':>12} {'smallest normal':>16} {'smallest subnormal':>19} {'eps':>10}  on overflow"
+    head = (f"{'format':<11} {'max':>12} {'overflow at':>12} {'smallest normal':>16} {'smallest subnormal':>19} "
+            f"{'eps':>10}  on overflow")
     print(head)
     for f in FORMATS.values():
         print(f"{f.name:<11} {f.max:>12.6g} {f.overflow_threshold:>12.6g} {f.smallest_normal:>16.6g} "

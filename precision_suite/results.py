@@ -200,8 +200,9 @@ def _tool_version() -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write JSON to a temp file beside ``path`` and rename it over: readers never see half a file."""
-    return write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=False))
+    """Write JSON to a temp file beside ``path`` and rename it over: readers never see half a file.
+    Compact separators keep json's C encoder (``indent`` falls back to pure Python, ~10x slower)."""
+    return write_text_atomic(path, json.dumps(payload, separators=(",", ":"), allow_nan=False))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 
-from .activations import ACTIVATIONS, get_activation
+from .activations import get_activation
 from .draws import parse_input
 from .formats import get_format
 from .inits import parse_init
@@ -176,7 +176,8 @@ def _parse(kind: str, value: str, parser):
 _INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
 
 DEFAULTS = dict(
-    inits=["normal", "lecun_normal", "xavier_normal", "kaiming_normal", "torch_default", "orthogonal",
+    # xavier_normal is lecun_normal for square layers: the default keeps one of the two
+    inits=["normal", "lecun_normal", "kaiming_normal", "torch_default", "orthogonal",
            "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
     activations=["identity", "relu", "gelu", "tanh", "silu"],
     formats=["fp32", "fp16", "bf16"],
@@ -235,7 +236,8 @@ class Matrix:
         devices = items("devices")
         kw["devices"] = tuple(dict.fromkeys(parse_device(x) for x in devices)) if devices else tuple(default_devices())
         modes = items("modes")
-        kw["modes"] = tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes else tuple(default_modes(kw["devices"]))
+        kw["modes"] = (tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes
+                       else tuple(default_modes(kw["devices"])))
         if (v := items("backends")) is not None:
             kw["backends"] = tuple(dict.fromkeys(_choice("backend", x, BACKENDS) for x in v))
         if (v := items("norms")) is not None:

@@ -8,14 +8,13 @@ case's chain through that layer before drawing the next (memory flat in depth wh
 from __future__ import annotations
 
 import time
-import traceback
 from collections import defaultdict
 from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..activations import get_activation
 from ..draws import LayerDraws, draw_input, draw_seed_grad, parse_input
-from ..formats import get_format, round_to_format
+from ..formats import round_to_format
 from ..inits import parse_init
 from ..results import BackwardResult, CaseResult, ForwardResult
 from ..spec import Case
