@@ -1,0 +1,246 @@
+"""The pytest plugin end to end: generated test files run with pytester, as a user would run them."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from precision_suite import load_results, run_matrix
+
+pytest_plugins = ["pytester"]
+
+TINY = "depth=12, width=16, batch=8"  # a few ms per case
+ON_GPU = torch.cuda.is_available()
+TENSORS = ("input", "pre", "post", "grad", "grad_pre", "wgrad")  # per-layer statistics in the JSON
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _loaded_once():
+    """pytester's inline runs drop the modules first imported inside them, and numpy's C extensions
+    cannot load twice in one process: run a case and render its report here first."""
+    from precision_suite.report import render_report
+
+    render_report(run_matrix(inits="normal", activations="relu", formats="fp16", devices="cpu", depth=2, width=4,
+                             batch=2))
+
+
+@pytest.fixture
+def chain_tests(pytester):
+    """A test file whose first test survives 12 layers and whose second overflows fp16 at layer ~4."""
+    pytester.makepyfile(test_chains=f"""
+        import pytest
+
+        @pytest.mark.precision(expect="no-overflow", {TINY})
+        def test_kaiming_survives(precision_case):
+            precision_case(init="kaiming_normal", activation="relu", format="fp16")
+
+        @pytest.mark.precision(expect="no-overflow", {TINY})
+        def test_normal_overflows(precision_case):
+            precision_case(init="normal", activation="relu", format="fp16")
+    """)
+    return pytester
+
+
+def test_expectation_passes_and_fails_with_the_layer(chain_tests):
+    result = chain_tests.runpytest("--precision-json", "out/results.json")
+    result.assert_outcomes(passed=1, failed=1)
+    results = load_results(chain_tests.path / "out/results.json").by_id()
+    normal = next(r for cid, r in results.items() if cid.startswith("relu-normal-fp16"))
+    layer = normal.forward.events.first_overflow
+    assert layer is not None and normal.theory["applicable"]
+    text = result.stdout.str()
+    match = re.search(r"expected no-overflow: fp16 overflow at layer (\d+) of 12 \((pre|post)-activation: "
+                      r"[\d.]+% of elements past max 65504, amax inf\); theory predicted (\d+|none within 12)", text)
+    assert match, text
+    assert int(match.group(1)) == layer
+    assert match.group(3) == str(normal.theory["first_overflow"])
+    assert "test_normal_overflows" in text and "FAILED test_chains.py::test_kaiming_survives" not in text
+
+
+def test_expectations_survives_and_an_event_that_must_happen(pytester):
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.precision(expect="overflow,no-underflow", init="normal", activation="relu", {TINY})
+        def test_known_to_overflow(precision_case):
+            precision_case()
+
+        @pytest.mark.precision(expect="survives", init="normal", activation="relu", {TINY})
+        def test_survives(precision_case):
+            precision_case()
+
+        @pytest.mark.precision(expect="grad_overflow", init="kaiming_normal", activation="relu", {TINY})
+        def test_gradients_overflow(precision_case):
+            precision_case()
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines([
+        "expected to survive 12 layers: fp16 overflow at layer * of 12 (pre-activation: *",
+        "expected fp16 grad overflow within 12 layers, none happened (the backward pass survived)*",
+    ])
+
+
+def test_json_and_report_are_written(chain_tests):
+    result = chain_tests.runpytest("--precision-json", "out/results.json", "--precision-report", "out/report.html")
+    result.stdout.fnmatch_lines(["*precision-suite*", "2 precision cases: 1 fail in the forward pass, 0 could not run",
+                                 "results: out/results.json", "report:  out/report.html"])
+    cases = load_results(chain_tests.path / "out/results.json").cases
+    assert [c.case.init for c in cases] == ["kaiming_normal", "normal"]  # collection order
+    html = (chain_tests.path / "out/report.html").read_text(encoding="utf-8")
+    assert all(c.id in html for c in cases)
+
+
+def test_ini_settings_are_read_and_the_command_line_wins(chain_tests):
+    chain_tests.makeini("[pytest]\nprecision_json = from_ini.json\n")
+    chain_tests.runpytest().assert_outcomes(passed=1, failed=1)
+    assert (chain_tests.path / "from_ini.json").exists()
+    chain_tests.runpytest("--precision-json", "from_cli.json")
+    assert (chain_tests.path / "from_cli.json").exists()
+
+
+def test_matrix_marker_parametrizes_with_readable_ids(pytester):
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.precision_matrix(inits="kaiming_normal,normal", activations="relu", formats="fp16,bf16", {TINY})
+        def test_chain(precision_case, precision_spec):
+            result = precision_case()
+            assert result.case == precision_spec and result.case.depth == 12
+    """)
+    result = pytester.runpytest("-v", "-rs")
+    ids = re.findall(r"test_chain\[(.+?)\] (?:PASSED|FAILED|SKIPPED)", result.stdout.str())
+    assert ids[:4] == ["relu-kaiming_normal-fp16-cpu", "relu-kaiming_normal-bf16-cpu", "relu-normal-fp16-cpu",
+                       "relu-normal-bf16-cpu"]
+    if ON_GPU:  # on a GPU the cuda cases also run, emulated and native
+        assert "relu-normal-bf16-cuda-native" in ids
+    else:
+        result.assert_outcomes(passed=4, skipped=8)  # cuda: emulated and native
+        result.stdout.fnmatch_lines(["SKIPPED [[]8[]] *device 'cuda' is not available here*"])
+
+
+def test_devices_and_formats_options_set_unnamed_axes(pytester):
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.precision_matrix(inits="kaiming_normal", activations="relu,tanh", {TINY})
+        def test_chain(precision_case):
+            precision_case()
+    """)
+    result = pytester.runpytest("--precision-devices", "cpu", "--precision-formats", "float16,fp8_e5m2",
+                                "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["*test_chain[[]relu-kaiming_normal-fp16-cpu[]]", "*[[]relu-kaiming_normal-fp8_e5m2-cpu[]]",
+                                 "*[[]tanh-kaiming_normal-fp16-cpu[]]", "*[[]tanh-kaiming_normal-fp8_e5m2-cpu[]]",
+                                 "4 tests collected*"])
+
+
+def test_fail_on_and_a_finished_result(pytester):
+    pytester.makepyfile(f"""
+        from precision_suite import run_case
+
+        def test_recorded(precision_case):
+            result = run_case(init="normal", activation="relu", format="fp16", {TINY})
+            assert precision_case(result) is result
+    """)
+    result = pytester.runpytest("--precision-fail-on", "overflow,grad_nan", "--precision-json", "r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*--precision-fail-on overflow: fp16 overflow at layer * of 12*"])
+    assert len(load_results(pytester.path / "r.json").cases) == 1
+
+
+def test_baseline_flags_a_moved_layer(chain_tests):
+    chain_tests.runpytest("--precision-json", "base.json")
+    chain_tests.runpytest("--precision-baseline", "base.json").assert_outcomes(passed=1, failed=1)  # no regression
+    data = json.loads((chain_tests.path / "base.json").read_text())
+    survivor = next(c for c in data["cases"] if c["spec"]["init"] == "kaiming_normal")
+    survivor["forward"]["first_underflow"] = 9  # the baseline underflowed at 9; now it survives
+    (chain_tests.path / "base.json").write_text(json.dumps(data))
+    result = chain_tests.runpytest("--precision-baseline", "base.json")
+    result.assert_outcomes(failed=2)
+    moved = "*moved against the baseline base.json: forward first_underflow layer 9 -> none [[]relu-kaiming_normal-fp16-cpu-*"
+    result.stdout.fnmatch_lines([moved, "baseline base.json: 2 cases compared"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--precision-formats", "fp16,fp17"], "--precision-formats: unknown format 'fp17'; valid: fp64, fp32, fp16, bf16, *"),
+    (["--precision-devices", "tpu"], "--precision-devices: unknown device 'tpu'; valid: cpu, cuda, cuda:N, mps"),
+    (["--precision-fail-on", "overflw"], "--precision-fail-on: unknown event 'overflw'; valid: overflow, nan, *"),
+    (["--precision-baseline", "missing.json"], "--precision-baseline: results file not found: missing.json"),
+], ids=["formats", "devices", "fail-on", "baseline"])
+def test_bad_option_is_a_usage_error_at_configure_time(pytester, args, message):
+    pytester.makepyfile("def test_never_runs(): raise AssertionError")
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+@pytest.mark.parametrize("markers, message", [
+    ('precision(expect="no-overflw")', "unknown expectation 'no-overflw'; valid: survives, no-overflow, *"),
+    ("precision(dpeth=10)", "unknown argument 'dpeth'; valid: expect, init, activation, *"),
+    ('precision_matrix(activations="relu,swish")', "unknown activation 'swish'*"),
+    ("precision_matrix(depth=10) @pytest.mark.precision(depth=12)",
+     "*'depth' is set by both @pytest.mark.precision and @pytest.mark.precision_matrix"),
+], ids=["expectation", "field", "axis-value", "conflict"])
+def test_bad_marker_is_a_collection_error(pytester, markers, message):
+    decorators = "\n".join(f"@pytest.mark.{m}" for m in markers.split(" @pytest.mark."))
+    pytester.makepyfile(f"""
+import pytest
+
+{decorators}
+def test_chain(precision_case):
+    precision_case()
+""")
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{message}"])
+
+
+def _same_cases(a: dict, b: dict):
+    assert [c["id"] for c in a["cases"]] == [c["id"] for c in b["cases"]]
+    for x, y in zip(a["cases"], b["cases"]):
+        for direction in ("forward", "backward"):
+            fx, fy = x[direction], y[direction]
+            for key, value in fx.items():
+                if key in TENSORS:
+                    for stat, column in value.items():
+                        np.testing.assert_allclose(np.asarray(column, dtype=float), np.asarray(fy[key][stat], dtype=float),
+                                                   rtol=1e-6, atol=0, err_msg=f"{x['id']} {direction} {key} {stat}")
+                else:
+                    assert value == fy[key], (x["id"], direction, key)
+
+
+def test_xdist_workers_results_reach_one_json(pytester):
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.precision_matrix(inits="kaiming_normal,normal,torch_default", activations="relu",
+                                      formats="fp16,bf16", devices="cpu", {TINY})
+        def test_chain(precision_case):
+            precision_case()
+    """)
+    serial = pytester.runpytest_subprocess("-n", "0", "--precision-json", "serial.json")
+    parallel = pytester.runpytest_subprocess("-n", "2", "--precision-json", "parallel.json", "--precision-report", "p.html")
+    assert serial.ret == parallel.ret == pytest.ExitCode.OK
+    parallel.stdout.fnmatch_lines(["6 precision cases: * fail in the forward pass, 0 could not run"])
+    assert sorted(p.name for p in pytester.path.iterdir() if p.suffix in (".json", ".html")) == [
+        "p.html", "parallel.json", "serial.json"]
+    a, b = (json.loads((pytester.path / name).read_text()) for name in ("serial.json", "parallel.json"))
+    _same_cases(a, b)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert b["environment"]["torch_threads"] == max(1, cores // 2)
+
+
+def test_skip_reason_names_the_missing_device(pytester):
+    if ON_GPU:
+        pytest.skip("this machine has a GPU: cuda cases run here")
+    pytester.makepyfile(f"""
+        def test_gpu(precision_case):
+            precision_case(device="cuda", {TINY})
+    """)
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *device 'cuda' is not available here (torch.cuda.is_available() is False)"])
+
