@@ -187,8 +187,6 @@ def _load_for_report(path: str):
         return load_results(path)
     except ResultsError as e:
         raise UsageError(str(e)) from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # e.g. a spec this version cannot parse
-        raise UsageError(f"{path} is not a readable precision-suite results file: {e}") from None
 
 
 def _cmd_report(args) -> int:

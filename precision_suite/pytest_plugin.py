@@ -382,8 +382,8 @@ def pytest_generate_tests(metafunc):
         pytest.fail(f"{definition.nodeid}: {e}", pytrace=False)
     varying = [f for f in _ID_SIZES if len({getattr(c, f) for c in cases}) > 1]
     absent = {d: _absent(d) for d in {c.device for c in cases}}
-    params = [pytest.param(c, id=_test_id(c, varying), marks=[pytest.mark.skip(reason=absent[c.device])] if absent[c.device] else [])
-              for c in cases]
+    skip = {d: [pytest.mark.skip(reason=why)] if why else [] for d, why in absent.items()}
+    params = [pytest.param(c, id=_test_id(c, varying), marks=skip[c.device]) for c in cases]
     metafunc.parametrize("precision_spec", params, indirect=True)
 
 

@@ -240,7 +240,7 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} is not a precision-suite results file (top level is {type(data).__name__})")
     try:
         return Results.from_dict(data)
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: a spec this version rejects
         raise ResultsError(f"{path} does not follow the results schema: missing or malformed {e}") from None
 
 

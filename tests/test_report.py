@@ -353,7 +353,7 @@ def test_cli_report_writes_html_beside_results(results, tmp_path, capsys):
 @pytest.mark.parametrize("make,needle", [
     (lambda p: None, "not found"),
     (lambda p: p.write_text("{not json"), "not valid JSON"),
-    (lambda p: p.write_text("[1, 2]"), "not a readable precision-suite results file"),
+    (lambda p: p.write_text("[1, 2]"), "is not a precision-suite results file (top level is list)"),
     (lambda p: p.write_text('{"schema": "other"}'), "not a precision-suite results file"),
 ])
 def test_cli_report_bad_input_one_line_exit_2(tmp_path, capsys, make, needle, results):
