@@ -19,6 +19,7 @@ from ..inits import parse_init
 from ..results import BackwardResult, CaseResult, ForwardResult
 from ..spec import Case
 from ..stats import backward_events, forward_events
+from .memory import keep_freed_memory
 
 __all__ = ["run_cases", "group_cases"]
 
@@ -33,6 +34,7 @@ def group_cases(cases: Iterable[Case]) -> list[list[Case]]:
 def run_cases(cases: list[Case], *, backward: bool = True, rel_error: bool = False,
               on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
     """Run every case; ``on_result`` is called as each case finishes (progress, checkpoints)."""
+    keep_freed_memory()
     results = []
     for group in group_cases(cases):
         for r in _run_group(group, backward=backward, rel_error=rel_error):

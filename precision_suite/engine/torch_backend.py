@@ -79,7 +79,7 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
         col["zero_frac"] = zeros / n
         col["amin_nonzero"] = torch.add(a, 1 - nonzero, alpha=torch.finfo(a.dtype).max).amin(dim=1)
     if not bool((col["amin_nonzero"].cpu() >= fmt.smallest_normal).all()):
-        below_normal = torch.sign(torch.relu(fmt.smallest_normal - a)).sum(dim=1)  # zeros, NaNs included
+        below_normal = (fmt.smallest_normal - a).clamp_(min=0).sign_().sum(dim=1)  # zeros and (zeroed) NaNs included
         col["subnormal_frac"] = (below_normal - zeros - nans) / n
     if not fmt.has_wider:  # not available: fp64 has no wider format
         col["underflow_frac"] = col["overflow_frac"] = none + math.nan
@@ -92,9 +92,12 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
 
 
 def _moments(r, amax_h):
-    """Per-row mean, population std and rms (float64) from sums and 2-norms in r's dtype. Rows whose
-    squares could overflow that dtype are scaled by a power of two first (exact): bf16 values
-    near 3e38 must not turn fp32 sums into inf. std is the norm of r - mean (no cancellation)."""
+    """Per-row mean, population std and rms (float64) from a sum and a 2-norm in r's dtype.
+
+    std = sqrt(rms^2 - mean^2) in float64 unless |mean| is large against rms (relative error of
+    that difference ~ eps * rms^2 / std^2); then the second pass, the norm of r - mean. Rows whose
+    squares could overflow r's dtype are scaled by a power of two first (exact): bf16 values near
+    3e38 must not turn fp32 sums into inf."""
     import torch
 
     n = r.shape[1]
@@ -104,10 +107,13 @@ def _moments(r, amax_h):
     if top > math.sqrt(torch.finfo(r.dtype).max / n):
         scale = 2.0 ** -math.ceil(math.log2(top))
         r = r * scale
-    mean = r.sum(dim=1, keepdim=True) / n
+    mean = r.sum(dim=1).double() / n
     rms = torch.linalg.vector_norm(r, dim=1).double() / math.sqrt(n)
-    std = torch.linalg.vector_norm(r - mean, dim=1).double() / math.sqrt(n)
-    return mean[:, 0].double() / scale, std / scale, rms / scale
+    if bool((mean * mean <= 0.25 * rms * rms).all()):  # std^2 >= 3/4 rms^2: no cancellation to fear
+        std = (rms * rms - mean * mean).clamp(min=0).sqrt()
+    else:
+        std = torch.linalg.vector_norm(r - mean[:, None].to(r.dtype), dim=1).double() / math.sqrt(n)
+    return mean / scale, std / scale, rms / scale
 
 
 def grad_extra_stats(exact, threshold: float):
@@ -251,6 +257,7 @@ class _Reducer:
     """
 
     CHUNK = 16
+    CHUNK_ELEMENTS = 2**18  # larger tensors gain nothing from batching and would pay for the copy
 
     def __init__(self, fmt: Format, native: bool, grad_threshold: float | None = None):
         self.fmt, self.native, self.grad_threshold = fmt, native, grad_threshold
@@ -264,7 +271,7 @@ class _Reducer:
         if self.pending and (exact.dtype, exact.shape) != (self.pending[0][1].dtype, self.pending[0][1].shape):
             self.flush()
         self.pending.append((layer, exact, rounded))
-        if len(self.pending) >= self.CHUNK:
+        if len(self.pending) >= self.CHUNK or len(self.pending) * exact.numel() >= self.CHUNK_ELEMENTS:
             self.flush()
 
     def flush(self) -> None:
@@ -275,7 +282,7 @@ class _Reducer:
         layers, exact, rounded = zip(*self.pending)
         self.pending = []
         c = exact[0].shape[0]
-        exact, rounded = torch.cat(exact), torch.cat(rounded)
+        exact, rounded = (exact[0], rounded[0]) if len(layers) == 1 else (torch.cat(exact), torch.cat(rounded))
         stats = tensor_stats(exact, rounded, self.fmt, native=self.native)
         if self.grad_threshold is not None:
             stats = torch.cat([stats, grad_extra_stats(exact, self.grad_threshold)], dim=1)
