@@ -138,18 +138,16 @@ class PrecisionSession:
 
     def run(self, case: Case, backward: bool = True) -> CaseResult:
         """Run a case in this process (once per session) or skip when its device is not here."""
-        from .runner import run_case
+        from .runner import run_matrix
 
         reason = _absent(case.device)
         if reason:
             pytest.skip(reason)
         key = (case.id, backward)
         if key not in self.ran:
-            if self.environment is None:
-                from .environment import fingerprint
-
-                self.environment = fingerprint()
-            self.ran[key] = run_case(case, backward=backward)
+            results = run_matrix(cases=[case], backward=backward)
+            self.environment = self.environment or results.environment
+            self.ran[key] = results.cases[0]
         return self.ran[key]
 
     def record(self, nodeid: str, result: CaseResult) -> None:

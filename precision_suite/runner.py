@@ -90,6 +90,24 @@ def exact_wide_matmuls():
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``threads`` intra-op threads (restored afterwards). None: OMP_NUM_THREADS if the
+    user set it, else 1. The suite's tensors are small: on this 2-core machine a second thread
+    gained ~12% on an idle machine, and OpenMP's spin-waiting made the default matrix 45x slower
+    (12 s -> 548 s) while one other busy process shared the cores. Wide chains: --threads N."""
+    import torch
+
+    if threads is None:
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 1
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _skip_reason(case: Case) -> str | None:
     if case.backend == "numpy" and (case.device != "cpu" or case.mode != "emulated"):
         return "the numpy backend runs on cpu in emulated mode only"
@@ -100,9 +118,11 @@ def _skip_reason(case: Case) -> str | None:
 
 def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
                rel_error: bool = False, json_path: str | os.PathLike | None = None,
-               on_result: Callable[[CaseResult], None] | None = None, **axes) -> Results:
+               on_result: Callable[[CaseResult], None] | None = None, threads: int | None = None,
+               **axes) -> Results:
     """Run a matrix (or an explicit case list) and return its Results.
 
+    ``threads``: torch intra-op threads for the run (see ``torch_threads``; default 1).
     ``axes`` are Matrix options as in the CLI (``inits="normal,kaiming_normal", depth=[50, 100]``).
     With ``json_path`` the results so far are written atomically between groups (at most every
     CHECKPOINT_SECONDS, and at once on Ctrl-C), so an interrupted run keeps every finished case
@@ -139,7 +159,7 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         if on_result is not None:
             on_result(result)
 
-    with exact_wide_matmuls():
+    with exact_wide_matmuls(), torch_threads(threads):
         try:
             for group in group_cases(runnable):
                 run_cases(group, backward=backward, rel_error=rel_error, on_result=record)

@@ -114,3 +114,18 @@ def test_module_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "precision_suite", "run", "--inits", "bogus"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "unknown init 'bogus'" in proc.stderr
+
+
+def test_runs_single_threaded_by_default_and_restore_the_setting(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from precision_suite.runner import run_matrix
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+    before = torch.get_num_threads()
+    run_matrix(inits="normal", activations="relu", formats="fp16", depth=[2], width=[8], batch=[2],
+               on_result=lambda r: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before
+    run_matrix(inits="normal", activations="relu", formats="fp16", depth=[2], width=[8], batch=[2], threads=2,
+               on_result=lambda r: seen.append(torch.get_num_threads()))
+    assert seen[-1] == 2 and torch.get_num_threads() == before
