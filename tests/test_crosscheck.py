@@ -54,12 +54,11 @@ ZERO_TENSORS = {"forward": ("post",), "backward": ("grad", "grad_pre")}
 # test_known_torch_issue xfails with the reason; once they agree it fails, so the entry goes.
 KNOWN_TORCH_ISSUES = {
     ("backward", "bf16", "gelu"): (
-        "torch backend: bf16 GELU gradients lose their far tail. autograd evaluates GELU's derivative "
-        "as the composite formula in fp32, whose exp/erfc factors underflow (h <= -14.5 gives 0 where "
-        "g * gelu'(h) ~ 1e-39 is a bf16 subnormal), and in layers that run in fp64 the weight and "
-        "input gradients pass through a float64 -> float32 cast before they are rounded, so exact "
-        "values below fp32's range read as exact zeros: torch reports gradient underflow ~30-47 "
-        "layers later than the numpy reference"),
+        "torch backend: bf16 GELU gradients lose their far tail. The activation and its derivative run "
+        "in fp64 for bf16, but the weight and input gradients are fp32 matmuls (and layers that run in "
+        "fp64 cast their gradients back to fp32 before rounding), so exact values below fp32's normal "
+        "range flush to zero and read as exact zeros, not underflow: torch reports gradient underflow "
+        "~30-47 layers later (in backward order) than the numpy reference"),
 }
 
 
