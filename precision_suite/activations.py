@@ -105,7 +105,9 @@ def _erfc(x):
 
 
 def _sigmoid(x):
-    return 0.5 * (1.0 + _np.tanh(0.5 * x))  # no exp overflow for large |x|
+    from scipy.special import expit
+
+    return expit(x)  # accurate in both tails: 1/2 (1 + tanh(x/2)) cancels to 0 for x << 0
 
 
 def _np_gelu(x):

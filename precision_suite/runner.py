@@ -135,7 +135,8 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         matrix = matrix if matrix is not None else Matrix.from_options(**axes)
         cases = matrix.cases()
     check_devices(sorted({c.device for c in cases}))
-    env = fingerprint()
+    with torch_threads(threads):  # the fingerprint records the thread count the run uses
+        env = fingerprint()
     finished: list[CaseResult] = []
     runnable = []
     for c in cases:

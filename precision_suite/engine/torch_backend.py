@@ -434,8 +434,9 @@ class TorchStack:
         post = _native_act(self.acts[0].name)(h)
         if self.alpha is not None:
             post = x + self.alpha * post
-        with torch.no_grad():
-            post_exact = self._tail_wide(x.to(self.wide_dtype), pre.to(self.wide_dtype))
+        with torch.no_grad():  # bf16: the activation's exact tail needs fp64 (as in emulated mode)
+            exact_dtype = torch.float64 if self.fp64_below else self.wide_dtype
+            post_exact = self._tail_wide(x.to(exact_dtype), pre.to(exact_dtype))
             self.stats["post"].add(layer, post_exact, post.to(self.wide_dtype))
         if self.backward:
             pre.retain_grad()

@@ -21,8 +21,8 @@ import time
 
 MATRIX = {"inits": "kaiming_normal,lecun_normal,orthogonal,kaiming_normal(gain=1.2)",
           "activations": "relu,gelu,tanh,silu", "formats": "fp16,bf16", "devices": "cpu", "depth": 100, "width": 256,
-          "batch": 64, "seed": "0,1"}
-CASES = 64
+          "batch": 64, "seed": "0,1,2"}
+CASES = 96
 MIN_SERIAL_SECONDS = 30.0
 TARGET = 1.6
 BASE_ENV = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the plugin sets it per worker
