@@ -75,6 +75,13 @@ class Format:
     def overflow_behaviour(self) -> str:
         return "inf" if self.has_inf else "nan (no inf encoding)"
 
+    def subset_of(self, other: "Format") -> bool:
+        """Does ``other`` hold every value of this format exactly? (Binary formats nest when the
+        range, the precision and the subnormal grid all fit: every format here but fp64 is a
+        subset of fp32.)"""
+        return (self.max <= other.max and self.mantissa_bits <= other.mantissa_bits
+                and self.smallest_subnormal >= other.smallest_subnormal)
+
     def torch_dtype(self):
         import torch
 
