@@ -159,7 +159,8 @@ def _moments(r, amax: _np.ndarray) -> _np.ndarray:
     total, norm = _host(r.sum(dim=1), torch.linalg.vector_norm(r, dim=1))
     mean, rms = total / n, norm / math.sqrt(n)
     if (mean * mean <= 0.25 * rms * rms).all():  # std^2 >= 3/4 rms^2: no cancellation to fear
-        std = _np.sqrt(_np.clip(rms * rms - mean * mean, 0, None))
+        with _np.errstate(invalid="ignore"):  # inf - inf: an overflowed row's std is NaN
+            std = _np.sqrt(_np.clip(rms * rms - mean * mean, 0, None))
     else:
         centre = torch.tensor(mean, dtype=r.dtype, device=r.device)[:, None]
         [std] = _host(torch.linalg.vector_norm(r - centre, dim=1))
@@ -237,7 +238,7 @@ def _rounder(fmt: Format):
     return rnd
 
 
-def _make_round_fns():
+def _make_round_fn():
     import torch
 
     class _Round(torch.autograd.Function):
@@ -255,25 +256,17 @@ def _make_round_fns():
                 ctx.on_grad(g, r)
             return r, None, None
 
-    class _RoundGrad(_Round):
-        """For values that are already rounded (the weights): identity forward, ``_Round``'s backward."""
-
-        @staticmethod
-        def forward(ctx, x, rounder, on_grad):
-            ctx.rounder, ctx.on_grad = rounder, on_grad
-            return x.view_as(x)
-
-    return _Round, _RoundGrad
+    return _Round
 
 
-_ROUND_FNS = None
+_ROUND_FN = None
 
 
-def _round_fns():
-    global _ROUND_FNS
-    if _ROUND_FNS is None:
-        _ROUND_FNS = _make_round_fns()
-    return _ROUND_FNS
+def _round_fn():
+    global _ROUND_FN
+    if _ROUND_FN is None:
+        _ROUND_FN = _make_round_fn()
+    return _ROUND_FN
 
 
 def _norm(kind: str, x):
@@ -384,7 +377,7 @@ class TorchStack:
                                      self.threshold if kind in ("grad", "grad_pre", "wgrad") else None)
                       for kind in ("pre", "post", "grad", "grad_pre", "wgrad")}
         self.round = _rounder(self.fmt)
-        self.apply_round = _round_fns()[0].apply if backward else (lambda x, rnd, on_grad: rnd(x))
+        self.apply_round = _round_fn().apply if backward else (lambda x, rnd, on_grad: rnd(x))
         # bf16's subnormals are fp32 subnormals: layers whose input is that small run in fp64
         self.fp64_below = (wide.smallest_normal * 2.0 ** (wide.mantissa_bits + 2)
                            if self.fmt.smallest_subnormal < wide.smallest_normal else 0.0)
@@ -392,6 +385,8 @@ class TorchStack:
         self.input_stats = tensor_stats(x0, x0, self.fmt)
         x0 = x0.expand(len(cases), *x0.shape[1:])
         self.x = x0.to(self.fmt.torch_dtype()) if self.native else x0
+        if backward and not self.native:  # the weights carry no gradient: the input starts the graph
+            self.x = self.x.detach().requires_grad_(True)
         self.saved = []  # native backward: per layer (x_in, W, b, pre, post)
         self.shadow = x0.double() if rel_error else None
         self.rel_error = (torch.full((first.depth, len(cases)), math.nan, dtype=torch.float64, device=self.device)
@@ -436,6 +431,24 @@ class TorchStack:
 
         return on_grad
 
+    def _record_grad_pre(self, layer: int, x_w, w_dtype):
+        """grad_pre's hook, which also yields the layer's weight gradient per case from the rounded
+        grad_pre g that flows on: wgrad_c = (x_c^T g_c)^T, the bmm autograd would run for a
+        per-case weight. The weights themselves carry no gradient (they are drawn, not trained),
+        so no W-sized copy per case is held for backward."""
+        if not self.backward:
+            return None
+        import torch
+
+        grad_pre, wgrad = self.stats["grad_pre"], self.stats["wgrad"]
+
+        def on_grad(exact, rounded):
+            grad_pre.add(layer, exact, rounded)
+            w_exact = torch.bmm(x_w.transpose(1, 2), rounded).transpose(1, 2).to(w_dtype)
+            wgrad.add(layer, w_exact, self.round(w_exact))
+
+        return on_grad
+
     def _step_emulated(self, layer: int, w, b) -> None:
         import torch
         import torch.nn.functional as F
@@ -445,15 +458,9 @@ class TorchStack:
         wide_dtype = self.wide_dtype
         if self.fp64_below and float(self._input_amax().min()) < self.fp64_below:
             wide_dtype = torch.float64
-        if self.backward:
-            w = w.expand(len(self.cases), *w.shape).clone().requires_grad_(True)  # one W per case: own wgrad
-            w_used = _round_fns()[1].apply(w, rnd, self._record_grad("wgrad", layer))
-            pre_exact = torch.baddbmm(b.to(wide_dtype).expand(x.shape[0], 1, -1), x.to(wide_dtype),
-                                      w_used.to(wide_dtype).transpose(1, 2)) if b is not None else \
-                torch.bmm(x.to(wide_dtype), w_used.to(wide_dtype).transpose(1, 2))
-        else:
-            pre_exact = F.linear(x.to(wide_dtype), w.to(wide_dtype), None if b is None else b.to(wide_dtype))
-        pre = R(pre_exact, rnd, self._record_grad("grad_pre", layer))
+        x_w = x.to(wide_dtype)
+        pre_exact = F.linear(x_w, w.to(wide_dtype), None if b is None else b.to(wide_dtype))
+        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach(), w.dtype))
         self.stats["pre"].add(layer, pre_exact, pre)
         h = pre
         if self.norm != "none":
