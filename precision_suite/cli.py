@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--threads", type=int, metavar="N",
                       help="torch threads (default: $OMP_NUM_THREADS, else 1: the matrix's tensors are small and "
                            "extra threads spin-wait badly on a busy machine; raise it for wide chains)")
+    opts.add_argument("--jobs", "-j", type=int, metavar="N",
+                      help="processes that run the matrix side by side, each with --threads threads (default: one "
+                           "per core, as memory allows; 1: everything in this process)")
     opts.add_argument("--quiet", "-q", action="store_true", help="no progress, summary only")
 
     report = sub.add_parser("report", help="render the HTML report of a results file",
@@ -103,7 +106,7 @@ def _load_config(path: str | None) -> dict:
             data = {}
     config = {}
     valid = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale", "rel_error", "no_backward",
-                               "fail_on", "out", "json", "html", "threads"}
+                               "fail_on", "out", "json", "html", "threads", "jobs"}
     for key, value in data.items():
         norm = key.replace("-", "_")
         if norm not in valid:
@@ -141,8 +144,9 @@ def _cmd_run(args) -> int:
     json_path = Path(options.get("json") or out / "results.json")
     html_path = Path(options.get("html") or out / "report.html")
     fail_on = _parse_fail_on(options.get("fail_on", []))
-    if options.get("threads") is not None and not (isinstance(options["threads"], int) and options["threads"] >= 1):
-        raise UsageError(f"--threads must be a positive integer, got {options['threads']!r}")
+    for key in ("threads", "jobs"):
+        if options.get(key) is not None and not (isinstance(options[key], int) and options[key] >= 1):
+            raise UsageError(f"--{key} must be a positive integer, got {options[key]!r}")
     matrix_keys = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale"}
     try:
         matrix = Matrix.from_options(**{k: v for k, v in options.items() if k in matrix_keys})
@@ -162,7 +166,8 @@ def _cmd_run(args) -> int:
     with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
         try:
             results = run_matrix(cases=cases, backward=backward, rel_error=bool(options.get("rel_error")),
-                                 json_path=json_path, on_result=progress.update, threads=options.get("threads"))
+                                 json_path=json_path, on_result=progress.update, threads=options.get("threads"),
+                                 jobs=options.get("jobs"))
         except KeyboardInterrupt:
             print(f"\ninterrupted: finished cases are kept in {json_path}", file=sys.stderr)
             return 130

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from typing import Callable
@@ -14,8 +15,10 @@ from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
 CHECKPOINT_SECONDS = 5.0  # a crash loses at most this much finished work; an interrupt loses none
+WORKER_MIN_SECONDS = 3.0  # estimated work below which a run stays in one process
 
-__all__ = ["run_matrix", "run_case", "check_devices", "check_memory", "estimate_case_bytes"]
+__all__ = ["run_matrix", "run_case", "check_devices", "check_memory", "estimate_case_bytes", "estimated_seconds",
+           "default_jobs"]
 
 
 def check_devices(devices) -> None:
@@ -90,20 +93,30 @@ def exact_wide_matmuls():
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run with ``threads`` intra-op threads (restored afterwards). None: OMP_NUM_THREADS if the
-    user set it, else 1. The suite's tensors are small: on this 2-core machine a second thread
-    gained ~12% on an idle machine, and OpenMP's spin-waiting made the default matrix 45x slower
-    (12 s -> 548 s) while one other busy process shared the cores. Wide chains: --threads N."""
-    import torch
-
+def resolve_threads(threads: int | None) -> int:
+    """``threads``, else OMP_NUM_THREADS if the user set it, else 1 (see ``torch_threads``)."""
     if threads is None:
         threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 1
+    return max(1, threads)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run with ``threads`` threads in torch and in the BLAS and OpenMP pools numpy and scipy
+    load (threadpoolctl), restored afterwards. None: OMP_NUM_THREADS if the user set it, else 1.
+    The suite's tensors are small: on this 2-core machine a second thread gained ~12% on an idle
+    machine, while spin-waiting pools made the default matrix 45x slower (12 s -> 548 s) next to
+    one other busy process, and numpy's OpenBLAS threads stalled two worker processes for 14-20 s.
+    Wide chains: --threads N."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = resolve_threads(threads)
     saved = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads):
+            yield
     finally:
         torch.set_num_threads(saved)
 
@@ -116,20 +129,56 @@ def _skip_reason(case: Case) -> str | None:
     return None
 
 
+def estimated_seconds(case: Case, backward: bool) -> float:
+    """Rough single-thread CPU seconds of a case: ~20 us of per-op overhead per layer plus ~10 ns
+    per element of the layer's activations and weight, 3x with backward (fits the default matrix,
+    8.9 s, and a forward w256 b1024 chain, 3.4 ms a layer, on this machine to ~10%)."""
+    elements = case.batch * case.width + case.width * case.width
+    return case.depth * (20e-6 + 10e-9 * elements * (3 if backward else 1))
+
+
+def default_jobs(units: list[list[Case]], backward: bool) -> int:
+    """One process per usable core, at most one per unit, no more than memory holds at the largest
+    unit's estimated peak (``estimate_case_bytes``) each, and one for runs under WORKER_MIN_SECONDS
+    (a worker costs ~1.5 s of a core to start)."""
+    from .workers import usable_cores
+
+    if sum(estimated_seconds(c, backward) for unit in units for c in unit) < WORKER_MIN_SECONDS:
+        return 1
+    largest = max(sum(estimate_case_bytes(c, backward) for c in unit) for unit in units)
+    return max(1, min(usable_cores(), len(units), _available_memory() // max(largest, 1)))
+
+
+def _run_unit(unit: list[Case], backward: bool, rel_error: bool) -> list[CaseResult]:
+    from .engine import run_cases
+
+    return run_cases(unit, backward=backward, rel_error=rel_error)
+
+
+@contextlib.contextmanager
+def _process_settings(threads: int | None):
+    """What every process of a run computes under: real fp32 matmuls and the run's thread count."""
+    with exact_wide_matmuls(), torch_threads(threads):
+        yield
+
+
 def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
                rel_error: bool = False, json_path: str | os.PathLike | None = None,
                on_result: Callable[[CaseResult], None] | None = None, threads: int | None = None,
-               **axes) -> Results:
+               jobs: int | None = 1, **axes) -> Results:
     """Run a matrix (or an explicit case list) and return its Results.
 
-    ``threads``: torch intra-op threads for the run (see ``torch_threads``; default 1).
+    ``threads``: torch intra-op threads per process (see ``torch_threads``; default 1).
+    ``jobs``: processes that run units (``engine.split_units``) side by side, this one included;
+    None: ``default_jobs``. Results do not depend on it; GPU units stay in this process.
     ``axes`` are Matrix options as in the CLI (``inits="normal,kaiming_normal", depth=[50, 100]``).
-    With ``json_path`` the results so far are written atomically between groups (at most every
+    With ``json_path`` the results so far are written atomically between units (at most every
     CHECKPOINT_SECONDS, and at once on Ctrl-C), so an interrupted run keeps every finished case
     and the file is never half-written.
     """
-    from .engine import group_cases, run_cases
+    from .engine import split_units
     from .environment import fingerprint
+    from .workers import run_units
 
     if cases is None:
         matrix = matrix if matrix is not None else Matrix.from_options(**axes)
@@ -160,11 +209,22 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         if on_result is not None:
             on_result(result)
 
-    with exact_wide_matmuls(), torch_threads(threads):
+    def unit_done(unit: list[Case], results: list[CaseResult]):
+        for result in results:
+            record(result)
+        checkpoint()
+
+    def unit_failed(unit: list[Case], message: str):
+        unit_done(unit, [CaseResult(c, status="error", error=message) for c in unit])
+
+    units = sorted(split_units(runnable), key=lambda u: -sum(estimated_seconds(c, backward) for c in u))
+    threads = resolve_threads(threads)
+    with _process_settings(threads):
         try:
-            for group in group_cases(runnable):
-                run_cases(group, backward=backward, rel_error=rel_error, on_result=record)
-                checkpoint()
+            run_units(units, functools.partial(_run_unit, backward=backward, rel_error=rel_error),
+                      jobs=default_jobs(units, backward) if jobs is None else jobs, on_done=unit_done,
+                      on_failed=unit_failed, worker_setup=functools.partial(_process_settings, threads),
+                      local=lambda unit: unit[0].device != "cpu")
         except KeyboardInterrupt:
             checkpoint(force=True)
             raise

@@ -34,6 +34,7 @@ def test_run_writes_json_and_prints_summary(tmp_path, capsys):
     (["--residual", "x"], "invalid float value"),
     (["--width", "60000", "--batch", "60000"], "elements per tensor"),
     (["--width", "8192", "--depth", "100000"], "GiB"),
+    (["--jobs", "0"], "--jobs must be a positive integer, got 0"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle):
     code = main(["run", *args, "--out", str(tmp_path / "out")])

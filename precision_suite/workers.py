@@ -1,0 +1,164 @@
+"""Worker processes for a matrix run: units of work handed out one at a time to whichever process
+is free, the calling process included.
+
+A unit is a list of cases that run as one piece (``engine.split_units``: one group's cases that
+share a stack). Units are independent and every process runs the same code with the same thread
+count, so a result never depends on which process produced it.
+
+Pull, not push: a worker gets its next unit when it asks for one (a thread here answers at once,
+while this process computes), so a worker still importing torch (~1.5 s) holds no work back and
+a run too small to need it finishes without waiting for it. Processes are spawned, not forked: a
+forked copy of a process that has started OpenMP or CUDA can hang. Workers ignore Ctrl-C; the
+calling process stops them and keeps what has finished.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections import deque
+from typing import Callable, Sequence
+
+__all__ = ["usable_cores", "run_units"]
+
+POLL_SECONDS = 0.2  # how often the dispatcher checks that busy workers are still alive
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def run_units(units: Sequence, run_unit: Callable, *, jobs: int, on_done: Callable, on_failed: Callable,
+              worker_setup: Callable | None = None, local: Callable = lambda unit: False) -> None:
+    """Run every unit: ``run_unit(unit)`` here or in one of ``jobs - 1`` spawned workers.
+
+    ``on_done(unit, output)`` and ``on_failed(unit, message)`` are called in this thread as units
+    finish, in completion order. Units for which ``local(unit)`` is true run here only (a GPU's
+    units: one process per device). ``run_unit`` and ``worker_setup`` (a context-manager factory
+    each worker runs under, e.g. thread settings) must be picklable: module-level functions or
+    ``functools.partial`` of them. Units should come biggest first (a short one last balances the end).
+    """
+    mine = deque(u for u in units if local(u))
+    shared = deque(u for u in units if not local(u))
+    if jobs <= 1 or len(shared) <= 1:
+        for unit in (*mine, *shared):
+            on_done(unit, run_unit(unit))
+        return
+    pool = _Workers(jobs - 1, shared, run_unit, worker_setup)
+    try:
+        while True:
+            pool.report(on_done, on_failed)
+            unit = mine.popleft() if mine else pool.take()
+            if unit is not None:
+                on_done(unit, run_unit(unit))
+            elif pool.running():
+                pool.report(on_done, on_failed, wait=True)
+            else:
+                break
+        pool.report(on_done, on_failed)
+    finally:
+        pool.stop()
+
+
+class _Workers:
+    """Spawned processes, each with its own task queue and one shared result queue, and the
+    dispatcher thread that feeds them from ``shared`` (which this process also takes from)."""
+
+    def __init__(self, count: int, shared: deque, run_unit: Callable, worker_setup: Callable | None):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.shared, self.lock = shared, threading.Lock()
+        self.results = ctx.Queue()
+        self.tasks = [ctx.SimpleQueue() for _ in range(count)]
+        self.procs = [ctx.Process(target=_worker_main, args=(wid, self.tasks[wid], self.results, run_unit, worker_setup),
+                                  name=f"precision-suite-worker-{wid}", daemon=True) for wid in range(count)]
+        self.busy: dict[int, object] = {}  # worker -> its unit
+        self.finished: queue.Queue = queue.Queue()  # ("done" | "failed", unit, output or message)
+        self.stopping = threading.Event()
+        for p in self.procs:
+            p.start()
+        self.dispatcher = threading.Thread(target=self._dispatch, name="precision-suite-dispatcher", daemon=True)
+        self.dispatcher.start()
+
+    def take(self):
+        """The next shared unit for this process, or None."""
+        with self.lock:
+            return self.shared.popleft() if self.shared else None
+
+    def running(self) -> bool:
+        with self.lock:
+            return bool(self.busy) or not self.finished.empty()
+
+    def report(self, on_done: Callable, on_failed: Callable, wait: bool = False) -> None:
+        """Hand finished units to the callbacks (after waiting up to POLL_SECONDS for one if ``wait``)."""
+        try:
+            item = self.finished.get(timeout=POLL_SECONDS) if wait else self.finished.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, unit, payload = item
+            (on_done if kind == "done" else on_failed)(unit, payload)
+            try:
+                item = self.finished.get_nowait()
+            except queue.Empty:
+                return
+
+    def _dispatch(self) -> None:
+        """Answer each worker that asks for work; notice workers that died mid-unit."""
+        while not self.stopping.is_set():
+            try:
+                wid, kind, output = self.results.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                self._reap()
+                continue
+            except (OSError, EOFError, ValueError):  # the queue was closed under us: stopping
+                return
+            with self.lock:
+                if kind != "ready":
+                    self.finished.put((kind, self.busy.pop(wid), output))
+                unit = self.shared.popleft() if self.shared else None
+                if unit is not None:
+                    self.busy[wid] = unit
+            self.tasks[wid].put(unit)  # None: nothing left, the worker exits
+
+    def _reap(self) -> None:
+        with self.lock:
+            for wid, unit in list(self.busy.items()):
+                code = self.procs[wid].exitcode
+                if code is not None:
+                    del self.busy[wid]
+                    why = " (killed: out of memory?)" if code == -signal.SIGKILL else ""
+                    self.finished.put(("failed", unit, f"worker process exited with code {code}{why}"))
+
+    def stop(self) -> None:
+        """End every worker. By now none holds unfinished work that will be collected (or the run
+        was interrupted), so those still alive — importing, idle or mid-unit — are terminated."""
+        self.stopping.set()
+        self.dispatcher.join()
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        self.results.close()
+
+
+def _worker_main(wid: int, tasks, results, run_unit: Callable, worker_setup: Callable | None) -> None:
+    """A worker: ask for a unit, run it, send its output back, until told to stop (None)."""
+    import contextlib
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    with worker_setup() if worker_setup is not None else contextlib.nullcontext():
+        results.put((wid, "ready", None))
+        for unit in iter(tasks.get, None):
+            try:
+                message = (wid, "done", run_unit(unit))
+            except Exception as exc:  # noqa: BLE001 - reported as the unit's failure, never lost
+                message = (wid, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
+            results.put(message)
