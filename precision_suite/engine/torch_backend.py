@@ -14,6 +14,7 @@ recomputed in the wide precision from the same low-precision operands.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as _np
@@ -77,7 +78,7 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
         out[:, _I["zero_frac"]] = zeros / n
     out[:, _I["amin_nonzero"]] = amin_nonzero
     if not (amin_nonzero >= fmt.smallest_normal).all():
-        [below_normal] = _host(_count_below(bits, _bits(fmt.smallest_normal, a.dtype)))  # zeros too, NaN not
+        [below_normal] = _host(_count_below(bits, _bits(fmt.smallest_normal, a.dtype), in_place=True))  # zeros too
         out[:, _I["subnormal_frac"]] = (below_normal - zeros) / n
     if not fmt.has_wider:  # not available: fp64 has no wider format
         out[:, _I["underflow_frac"]] = out[:, _I["overflow_frac"]] = math.nan
@@ -107,6 +108,7 @@ def _int_dtype(dtype):
     return {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
 
 
+@functools.lru_cache(maxsize=64)
 def _bits(value: float, dtype) -> int:
     """The bit pattern of a non-negative ``value`` in float ``dtype``, as a Python int."""
     import torch
@@ -114,8 +116,12 @@ def _bits(value: float, dtype) -> int:
     return int(torch.tensor(value, dtype=dtype).view(_int_dtype(dtype)))
 
 
-def _count_below(bits, threshold_bits: int):
-    """Per row, #(bits < threshold_bits) = sum(clamp(threshold_bits - bits, 0, 1))."""
+def _count_below(bits, threshold_bits: int, in_place: bool = False):
+    """Per row, #(bits < threshold_bits) = sum(clamp(threshold_bits - bits, 0, 1)). ``in_place``
+    overwrites ``bits`` (its last use) instead of writing a new tensor: two passes over memory that
+    is already in cache, where a fresh buffer costs ~3x more in the middle of a layer."""
+    if in_place:
+        return bits.sub_(threshold_bits).clamp_(-1, 0).sum(dim=1, dtype=bits.dtype).neg_()
     return (threshold_bits - bits).clamp_(0, 1).sum(dim=1, dtype=bits.dtype)
 
 

@@ -2,33 +2,66 @@
 
 The bare chain is written plainly here: seeded float64 weights drawn per layer and rounded to the
 format, an fp32 matmul, the activation, and rounding of each op's output to fp16 — no statistics.
-Run: ``python -m pytest tests/benchmarks/test_speed.py --benchmark-columns=median,min,max``;
+Both run under the suite's thread setting (one thread unless OMP_NUM_THREADS says otherwise).
+Run: ``python -m pytest tests/benchmarks/test_speed.py --benchmark-columns=median,min,max -s``;
 each test prints the suite/bare ratio of medians.
 """
+
+from collections import defaultdict
 
 import numpy as np
 import pytest
 import torch
 
-from precision_suite.draws import draw_input, draw_weight, parse_input
+from precision_suite.activations import get_activation
+from precision_suite.draws import draw_input, draw_seed_grad, draw_weight, parse_input
 from precision_suite.engine import run_cases
 from precision_suite.formats import get_format, round_to_format
 from precision_suite.inits import parse_init
+from precision_suite.runner import run_matrix, torch_threads
 from precision_suite.spec import Case, Matrix
 
 ROUNDS = 3
 FP16 = get_format("fp16")
 
 
-def bare_chain(width, batch, depth, activation=torch.tanh):
-    """Seeded weights, fp32 matmul, activation, rounding to fp16: what the suite wraps."""
+@pytest.fixture(autouse=True)
+def suite_threads():
+    """The suite's own thread setting for the bare computation and the suite alike."""
+    with torch_threads(None):
+        yield
+
+
+class _RoundBoth(torch.autograd.Function):
+    """The bare chain's rounding: to the format in forward and backward, nothing recorded."""
+
+    @staticmethod
+    def forward(ctx, x, low):
+        ctx.low = low
+        return x.to(low).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.low).to(g.dtype), None
+
+
+def bare_chain(width, batch, depth, activation=torch.tanh, backward=False):
+    """Seeded weights, fp32 matmul, activation, rounding to fp16: what the suite wraps (backward:
+    from loss = sum(x_depth * g), every gradient rounded to fp16 too)."""
     init = parse_init("kaiming_normal")
     x = torch.from_numpy(round_to_format(draw_input(parse_input("normal"), 0, batch, width), FP16).astype(np.float32))
+    x.requires_grad_(backward)
+    h = x
     for layer in range(1, depth + 1):
         w = torch.from_numpy(round_to_format(draw_weight(init, 0, layer, width, width), FP16).astype(np.float32))
-        pre = (x @ w.T).half().float()
-        x = activation(pre).half().float()
-    return x
+        if backward:
+            h = _RoundBoth.apply(activation(_RoundBoth.apply(h @ w.T, torch.float16)), torch.float16)
+        else:
+            pre = (h @ w.T).half().float()
+            h = activation(pre).half().float()
+    if backward:
+        h.backward(torch.from_numpy(draw_seed_grad(0, batch, width).astype(np.float16).astype(np.float32)))
+    return h
 
 
 def suite_chain(width, batch, depth, backward=False, **fields):
@@ -69,7 +102,7 @@ def test_forward_fp16_emulated_vs_bare(benchmark, batch):
 
 def test_forward_backward_fp16_emulated(benchmark):
     width, batch, depth = 256, 256, 200
-    bare = _bare_median(bare_chain, width, batch, depth)
+    bare = _bare_median(bare_chain, width, batch, depth, torch.tanh, True)
     benchmark.pedantic(suite_chain, args=(width, batch, depth), kwargs=dict(backward=True), rounds=ROUNDS,
                        iterations=1)
     _ratio(benchmark, bare)
@@ -95,9 +128,42 @@ def test_native_bf16(benchmark):
     _ratio(benchmark, bare)
 
 
+def bare_matrix(cases):
+    """Every case's chain forward and backward, rounding each op and gradient, no statistics: the
+    weights drawn once per init and rounded once per format (as the suite does), one case at a time."""
+    by_init = defaultdict(list)
+    for c in cases:
+        by_init[c.init].append(c)
+    for init_name, group in by_init.items():
+        first = group[0]
+        init = parse_init(init_name)
+        x64 = draw_input(parse_input("normal"), first.seed, first.batch, first.width)
+        w64 = [draw_weight(init, first.seed, layer, first.width, first.width) for layer in range(1, first.depth + 1)]
+        g64 = draw_seed_grad(first.seed, first.batch, first.width)
+        for fmt_name in sorted({c.format for c in group}):
+            fmt = get_format(fmt_name)
+            wide = fmt.wide().torch_dtype()
+            low = fmt.torch_dtype()
+            weights = [torch.from_numpy(round_to_format(w, fmt).astype(np.float64)).to(wide) for w in w64]
+            for case in (c for c in group if c.format == fmt_name):
+                act = get_activation(case.activation).torch_fn
+                x = torch.from_numpy(round_to_format(x64, fmt).astype(np.float64)).to(wide).requires_grad_(True)
+                h = x
+                for w in weights:
+                    h = _RoundBoth.apply(act(_RoundBoth.apply(h @ w.T, low)), low)
+                h.backward(torch.from_numpy(round_to_format(g64, fmt).astype(np.float64)).to(wide))
+
+
 def test_default_matrix(benchmark):
-    """The whole default matrix, forward and backward (what ``precision-suite run`` does)."""
+    """The whole default matrix, forward and backward, against the bare chains of all its cases:
+    in one process (the ratio), and as ``precision-suite run`` spreads it over the cores."""
     cases = Matrix(devices=("cpu",), modes=("emulated",)).cases()
-    results = benchmark.pedantic(run_cases, args=(cases,), rounds=1, iterations=1)
+    bare = _bare_median(bare_matrix, cases)
+    results = benchmark.pedantic(run_cases, args=(cases,), rounds=ROUNDS, iterations=1)
     assert all(r.status == "ok" for r in results)
-    print(f"\ndefault matrix: {len(cases)} cases in {benchmark.stats.stats.median:.2f}s")
+    _ratio(benchmark, bare)
+    import time
+
+    t0 = time.perf_counter()
+    run_matrix(cases=cases, jobs=None)
+    print(f"default matrix: {len(cases)} cases; with the default jobs {time.perf_counter() - t0:.2f}s")
