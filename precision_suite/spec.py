@@ -53,14 +53,14 @@ class Case:
     def __post_init__(self):
         """Canonicalize names (aliases, parametric spellings) so equal cases have equal ids."""
         canon = dict(
-            init=_parse("init", self.init, parse_init).label,
-            activation=_parse("activation", self.activation, get_activation).name,
-            format=_parse("format", self.format, get_format).name,
+            init=_parse(self.init, parse_init).label,
+            activation=_parse(self.activation, get_activation).name,
+            format=_parse(self.format, get_format).name,
             device=parse_device(self.device),
             mode=_choice("mode", self.mode, MODES),
             backend=_choice("backend", self.backend, BACKENDS),
             norm=_choice("norm", self.norm, NORMS),
-            input=_parse("input", self.input, parse_input).label,
+            input=_parse(self.input, parse_input).label,
         )
         for key, value in canon.items():
             object.__setattr__(self, key, value)
@@ -164,7 +164,8 @@ def _choice(name: str, value: str, valid) -> str:
     return v
 
 
-def _parse(kind: str, value: str, parser):
+def _parse(value: str, parser):
+    """``parser(value)``, its ValueError raised as a SpecError."""
     try:
         return parser(value)
     except SpecError:
@@ -228,11 +229,11 @@ class Matrix:
 
         kw: dict = {}
         if (v := items("inits")) is not None:
-            kw["inits"] = tuple(dict.fromkeys(_parse("init", x, parse_init).label for x in v))
+            kw["inits"] = tuple(dict.fromkeys(_parse(x, parse_init).label for x in v))
         if (v := items("activations")) is not None:
-            kw["activations"] = tuple(dict.fromkeys(_parse("activation", x, get_activation).name for x in v))
+            kw["activations"] = tuple(dict.fromkeys(_parse(x, get_activation).name for x in v))
         if (v := items("formats")) is not None:
-            kw["formats"] = tuple(dict.fromkeys(_parse("format", x, get_format).name for x in v))
+            kw["formats"] = tuple(dict.fromkeys(_parse(x, get_format).name for x in v))
         devices = items("devices")
         kw["devices"] = tuple(dict.fromkeys(parse_device(x) for x in devices)) if devices else tuple(default_devices())
         modes = items("modes")
@@ -243,7 +244,7 @@ class Matrix:
         if (v := items("norms")) is not None:
             kw["norms"] = tuple(dict.fromkeys(_choice("norm", x, NORMS) for x in v))
         if (v := items("inputs")) is not None:
-            kw["inputs"] = tuple(dict.fromkeys(_parse("input", x, parse_input).label for x in v))
+            kw["inputs"] = tuple(dict.fromkeys(_parse(x, parse_input).label for x in v))
         for key, (low, high) in _INT_RANGES.items():
             if (v := items(key)) is not None:
                 kw[key] = tuple(dict.fromkeys(_ints(key, v, low, high)))

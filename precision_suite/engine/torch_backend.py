@@ -150,18 +150,21 @@ def _moments(r, amax: _np.ndarray) -> _np.ndarray:
     """[C, 3]: per-row mean, population std and rms (float64) from a sum and a 2-norm in r's dtype.
 
     std = sqrt(rms^2 - mean^2) in float64 unless |mean| is large against rms (relative error of
-    that difference ~ eps * rms^2 / std^2); then the second pass, the norm of r - mean. Rows whose
-    squares could overflow r's dtype are scaled by a power of two first (exact): bf16 values near
-    3e38 must not turn fp32 sums into inf."""
+    that difference ~ eps * rms^2 / std^2); then the second pass, the norm of r - mean. Squares
+    must stay in r's accurate range (``_squares_out_of_range``): a stack with a row outside it is
+    summed in float64, which holds every fp32 square (bf16 values near 3e38, bf16 tails near
+    1e-40); float64 rows near float64's own limits (the fp64 format) are scaled by 2^k, exactly."""
     import torch
 
     n = r.shape[1]
-    finite = amax[_np.isfinite(amax)]
-    top = float(finite.max()) if finite.size else 0.0
-    scale = 1.0
-    if top > math.sqrt(torch.finfo(r.dtype).max / n):
-        scale = 2.0 ** -math.ceil(math.log2(top))
-        r = r * scale
+    if r.dtype != torch.float64 and _squares_out_of_range(amax, r.dtype, n).any():
+        r = r.double()
+    k = _np.zeros(len(amax), dtype=_np.int64)
+    rescale = _squares_out_of_range(amax, r.dtype, n)
+    if rescale.any():  # largest magnitude ~1; 2^k itself may lie outside float64, so in two factors
+        k[rescale] = -_np.ceil(_np.log2(amax[rescale])).astype(_np.int64)
+        for part in (k // 2, k - k // 2):
+            r = r * torch.tensor(_np.ldexp(1.0, part), dtype=r.dtype, device=r.device)[:, None]
     total, norm = _host(r.sum(dim=1), torch.linalg.vector_norm(r, dim=1))
     mean, rms = total / n, norm / math.sqrt(n)
     if (mean * mean <= 0.25 * rms * rms).all():  # std^2 >= 3/4 rms^2: no cancellation to fear
@@ -171,7 +174,19 @@ def _moments(r, amax: _np.ndarray) -> _np.ndarray:
         centre = torch.tensor(mean, dtype=r.dtype, device=r.device)[:, None]
         [std] = _host(torch.linalg.vector_norm(r - centre, dim=1))
         std = std / math.sqrt(n)
-    return _np.stack([mean, std, rms], axis=1) / scale
+    return _np.ldexp(_np.stack([mean, std, rms], axis=1), -k[:, None])
+
+
+def _squares_out_of_range(amax: _np.ndarray, dtype, n: int) -> _np.ndarray:
+    """Rows whose sum of squares leaves ``dtype``'s accurate range: above sqrt(max / n) it
+    overflows; below sqrt(tiny / eps) (3e-16 in fp32) the squares fall among the subnormals and
+    torch's norm loses them ([3e-23, 1e-24] gave 3.7e-23 in fp32; 2e-38 gave 0)."""
+    import torch
+
+    info = torch.finfo(dtype)
+    with _np.errstate(invalid="ignore"):
+        return (_np.isfinite(amax) & (amax > 0)
+                & ((amax > math.sqrt(info.max / n)) | (amax < math.sqrt(info.tiny / info.eps))))
 
 
 def grad_extra_stats(exact, threshold: float) -> _np.ndarray:
