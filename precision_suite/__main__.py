@@ -1,8 +1,6 @@
 """``python -m precision_suite`` is the ``precision-suite`` command."""
 
-import sys
-
-from .cli import main
+from .cli import console_main
 
 if __name__ == "__main__":  # not when a spawned worker process imports this module
-    sys.exit(main())
+    console_main()
