@@ -165,16 +165,23 @@ def _decode_tree(obj):
     return obj
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass(frozen=True)
 class Results:
+    """A run's cases; ``created`` and ``tool_version`` default to now and this version (a loaded
+    file keeps its own, "" where it had none)."""
+
     cases: tuple[CaseResult, ...]
     environment: dict = field(default_factory=dict)
-    created: str = ""
-    tool_version: str = ""
+    created: str = field(default_factory=_now)
+    tool_version: str = field(default_factory=lambda: _tool_version())
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                "created": self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created": self.created or _now(),
                 "tool_version": self.tool_version or _tool_version(),
                 "environment": _encode_tree(self.environment),
                 "cases": [c.to_dict() for c in self.cases]}
@@ -251,4 +258,4 @@ def merge_results(parts: list[Results]) -> Results:
         for c in part.cases:
             merged[c.id] = c
     env = parts[0].environment if parts else {}
-    return Results(tuple(merged.values()), env, "", "")
+    return Results(tuple(merged.values()), env)
