@@ -18,10 +18,9 @@ def _in_worker() -> bool:
     return multiprocessing.parent_process() is not None
 
 
-def _pid_after(unit, slow_here: float = SETTLE):
+def _pid_after(unit, slow_here: float = SETTLE, slow_there: float = 0.0):
     """The toy unit: which process ran it (this one dawdles, so workers get a share)."""
-    if not _in_worker():
-        time.sleep(slow_here)
+    time.sleep(slow_there if _in_worker() else slow_here)
     return os.getpid(), unit
 
 
@@ -96,8 +95,9 @@ def test_interrupt_stops_workers_and_propagates():
         if len(seen) == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        run_units(list(range(20)), _pid_after, jobs=2, on_done=on_done, on_failed=lambda u, m: None)
+    with pytest.raises(KeyboardInterrupt):  # the worker is mid-unit when this process stops
+        run_units(list(range(20)), functools.partial(_pid_after, slow_there=5.0), jobs=2, on_done=on_done,
+                  on_failed=lambda u, m: None)
     assert not multiprocessing.active_children()
 
 
@@ -148,3 +148,31 @@ def test_interrupted_parallel_run_keeps_finished_cases(tmp_path):
                    depth=[30], width=[32], batch=[8], json_path=path, on_result=stop_after_two_units, jobs=2)
     assert {c.id for c in load_results(path).cases} == set(seen)
     assert not multiprocessing.active_children()
+
+
+def test_ctrl_c_on_the_command_line_keeps_finished_cases_and_leaves_no_process(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the run exits 130 with every finished
+    case in its JSON, and no worker outlives it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "precision_suite", "run", "--jobs", "2", "--out", str(tmp_path),
+           "--inits", "normal,kaiming_normal,lecun_normal,orthogonal", "--activations", "relu,tanh",
+           "--formats", "fp16,bf16,fp32", "--depth", "60", "--width", "64", "--batch", "32"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    finished = []
+    for line in proc.stderr:  # plain progress lines: "[k/24 ...] id: what"
+        if line.startswith("["):
+            finished.append(line.split("] ", 1)[1].split(":", 1)[0])
+        if len(finished) >= 4:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    kept = {c["id"] for c in json.loads((tmp_path / "results.json").read_text())["cases"]}
+    assert set(finished) <= kept and len(kept) < 24
+    group = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True)
+    alive = [line for line in group.stdout.splitlines() if line.split()[1][0] != "Z"]  # zombies have exited
+    assert not alive, f"processes left in the run's group: {alive}"
