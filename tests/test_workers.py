@@ -131,25 +131,6 @@ def _unit_with_pid(unit, run, settle):
     return os.getpid(), run(unit)
 
 
-def test_interrupted_parallel_run_keeps_finished_cases(tmp_path):
-    from precision_suite.results import load_results
-    from precision_suite.runner import run_matrix
-
-    seen = []
-
-    def stop_after_two_units(result):
-        seen.append(result.id)
-        if len(seen) == 4:
-            raise KeyboardInterrupt
-
-    path = tmp_path / "r.json"
-    with pytest.raises(KeyboardInterrupt):
-        run_matrix(inits="normal,kaiming_normal,lecun_normal", activations="relu,tanh", formats="fp16,bf16",
-                   depth=[30], width=[32], batch=[8], json_path=path, on_result=stop_after_two_units, jobs=2)
-    assert {c.id for c in load_results(path).cases} == set(seen)
-    assert not multiprocessing.active_children()
-
-
 def test_ctrl_c_on_the_command_line_keeps_finished_cases_and_leaves_no_process(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the run exits 130 with every finished
     case in its JSON, and no worker outlives it."""
