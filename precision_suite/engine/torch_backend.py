@@ -137,13 +137,9 @@ def _amin_nonzero(bits, dtype):
 
 
 def _host(*tensors) -> list:
-    """Device [C] reductions -> float64 numpy arrays (one transfer, one synchronisation on a GPU)."""
-    import torch
-
-    if tensors[0].device.type == "cpu":
-        return [t.numpy().astype(_np.float64) for t in tensors]
-    flat = torch.cat([t.to(torch.float64).reshape(-1) for t in tensors]).cpu().numpy()
-    return _np.split(flat, len(tensors))
+    """Device [C] reductions -> float64 numpy arrays (on a GPU, the first one synchronises; the
+    conversion happens on the host, since some devices have no float64)."""
+    return [t.cpu().numpy().astype(_np.float64) for t in tensors]
 
 
 def _moments(r, amax: _np.ndarray) -> _np.ndarray:
