@@ -15,6 +15,7 @@ calling process stops them and keeps what has finished.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -115,10 +116,13 @@ class _Workers:
         while not self.stopping.is_set():
             try:
                 wid, kind, output = self.results.get(timeout=POLL_SECONDS)
+                if kind == "done":
+                    output = pickle.loads(output)
             except queue.Empty:
                 self._reap()
                 continue
-            except (OSError, EOFError, ValueError):  # the queue was closed under us: stopping
+            except Exception as exc:  # noqa: BLE001 - a worker died mid-message: no answer can be trusted
+                self._abandon(f"lost the workers' results ({type(exc).__name__}: {exc})")
                 return
             with self.lock:
                 if kind != "ready":
@@ -127,6 +131,13 @@ class _Workers:
                 if unit is not None:
                     self.busy[wid] = unit
             self.tasks[wid].put(unit)  # None: nothing left, the worker exits
+
+    def _abandon(self, message: str) -> None:
+        """Fail every unit a worker holds; the rest of the shared units fall to this process."""
+        with self.lock:
+            for unit in self.busy.values():
+                self.finished.put(("failed", unit, message))
+            self.busy.clear()
 
     def _reap(self) -> None:
         with self.lock:
@@ -157,8 +168,8 @@ def _worker_main(wid: int, tasks, results, run_unit: Callable, worker_setup: Cal
     with worker_setup() if worker_setup is not None else contextlib.nullcontext():
         results.put((wid, "ready", None))
         for unit in iter(tasks.get, None):
-            try:
-                message = (wid, "done", run_unit(unit))
+            try:  # pickled here: the queue's own pickling happens in a thread that drops what fails
+                message = (wid, "done", pickle.dumps(run_unit(unit), protocol=pickle.HIGHEST_PROTOCOL))
             except Exception as exc:  # noqa: BLE001 - reported as the unit's failure, never lost
                 message = (wid, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0])
             results.put(message)

@@ -36,6 +36,12 @@ def _raise_on(unit, victim):
     return _pid_after(unit)
 
 
+def _unpicklable_on(unit, victim):
+    if _in_worker() and unit == victim:
+        return lambda: None  # a result that cannot travel back
+    return _pid_after(unit)
+
+
 def _run(units, run_unit, jobs=2):
     done, failed, threads = {}, {}, set()
 
@@ -74,6 +80,7 @@ def test_one_job_runs_everything_here():
 @pytest.mark.parametrize("run_unit,needle", [
     (_die_on, "worker process exited with code 3"),
     (_raise_on, "ValueError: unit"),
+    (_unpicklable_on, "Can't pickle"),
 ])
 def test_a_failing_worker_costs_only_its_unit(run_unit, needle):
     """Units 0..7; every unit but the victim still comes back, the victim as a failure with the reason.
@@ -157,3 +164,4 @@ def test_ctrl_c_on_the_command_line_keeps_finished_cases_and_leaves_no_process(t
     group = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True)
     alive = [line for line in group.stdout.splitlines() if line.split()[1][0] != "Z"]  # zombies have exited
     assert not alive, f"processes left in the run's group: {alive}"
+
