@@ -170,7 +170,9 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
 
     ``threads``: torch intra-op threads per process (see ``torch_threads``; default 1).
     ``jobs``: processes that run units (``engine.split_units``) side by side, this one included;
-    None: ``default_jobs``. Results do not depend on it; GPU units stay in this process.
+    None: ``default_jobs``. Results do not depend on it; GPU units stay in this process. Workers
+    are spawned and import the calling script, so a script that asks for jobs > 1 needs the usual
+    ``if __name__ == "__main__":`` guard.
     ``axes`` are Matrix options as in the CLI (``inits="normal,kaiming_normal", depth=[50, 100]``).
     With ``json_path`` the results so far are written atomically between units (at most every
     CHECKPOINT_SECONDS, and at once on Ctrl-C), so an interrupted run keeps every finished case
@@ -198,7 +200,7 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     last_checkpoint = [time.monotonic()]
 
     def checkpoint(force: bool = False):
-        """Write the finished cases; between groups at most every CHECKPOINT_SECONDS."""
+        """Write the finished cases; between units at most every CHECKPOINT_SECONDS."""
         if json_path is None or not (force or time.monotonic() - last_checkpoint[0] >= CHECKPOINT_SECONDS):
             return
         write_json_atomic(json_path, Results(tuple(finished), env).to_dict())
