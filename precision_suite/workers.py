@@ -51,7 +51,7 @@ def run_units(units: Sequence, run_unit: Callable, *, jobs: int, on_done: Callab
         for unit in (*mine, *shared):
             on_done(unit, run_unit(unit))
         return
-    pool = _Workers(jobs - 1, shared, run_unit, worker_setup)
+    pool = _Workers(min(jobs, len(shared)) - 1, shared, run_unit, worker_setup)  # no idle workers
     try:
         while True:
             pool.report(on_done, on_failed)
