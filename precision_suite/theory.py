@@ -24,7 +24,7 @@ per-element probability of a class in a row and E_R the average over rows:
 
     overflow   (E_R[(1 - P(|v| >= T_of))^n])^B <= 1/2
     zero       (E_R[(1 - P(|v| > T))^n])^B >= 1/2        T = smallest_subnormal/2 rounds to 0
-    underflow  E_R[P(0 < |v| <= T)] >= threshold
+    underflow  E_R[P(eps rms <= |v| <= T)] >= threshold  (rms of the whole tensor: significant only)
 
 i.e. at the layer where the event's median over draws is crossed. Without spread the first is
 k_N sqrt(q) >= T_of with k_N = sqrt(2) erfcinv(1 - 2^(-1/N)), the median of the largest |z| of
@@ -233,21 +233,25 @@ def _propagate(act_name: str, sigma_w2: float, sigma_b2: float, x0: tuple[float,
     return Profile(*_read_only(*out))
 
 
-# ---- element classes: (P(|v| >= T_of), P(0 < |v| <= T), P(|v| > T)), elementwise over arrays ----
+# ---- element classes: (P(|v| >= T_of), P(floor <= |v| <= T), P(|v| > T)), elementwise over arrays ----
+# ``floor`` is the significance floor eps * rms of the element's tensor: an element below it is
+# flushed, not underflowed (smaller than the tensor's own resolution), so it is not counted.
 
 
-def _gaussian(var, fmt: Format):
-    """v ~ N(0, var); var == 0 is an exact zero (no underflow, no overflow)."""
+def _gaussian(var, fmt: Format, floor):
+    """v ~ N(0, var); var == 0 is an exact zero (no underflow, no overflow). The underflowed share
+    max(0, erf(T/(sigma sqrt 2)) - erf(floor/(sigma sqrt 2))); with floor = eps sigma the second
+    term is erf(eps/sqrt 2)."""
     s = _np.sqrt(_np.asarray(var, dtype=_np.float64)) * _SQRT2
     with _np.errstate(divide="ignore", invalid="ignore"):
         over = _np.nan_to_num(_erfc(fmt.overflow_threshold / s), nan=1.0)
-        under = _np.nan_to_num(_erf(fmt.underflow_threshold / s), nan=0.0)
+        under = _np.nan_to_num(_erf(fmt.underflow_threshold / s) - _erf(_np.asarray(floor) / s), nan=0.0)
         nonzero = _np.nan_to_num(_erfc(fmt.underflow_threshold / s), nan=1.0)
     live = s > 0
-    return _np.where(live, over, 0.0), _np.where(live, under, 0.0), _np.where(live, nonzero, 0.0)
+    return _np.where(live, over, 0.0), _np.where(live, _np.maximum(under, 0.0), 0.0), _np.where(live, nonzero, 0.0)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)
 def _level_set(act_name: str, t: float) -> tuple:
     """The intervals of z where |phi(z)| > t, as ((a, b), ...) with infinite ends allowed.
 
@@ -278,29 +282,39 @@ def _mass(intervals, sigma):
     return out
 
 
-def _post(act: Activation, var, fmt: Format):
+def _post(act: Activation, var, fmt: Format, floor):
     """post = phi(z), z ~ N(0, var): identity is z; relu is z above 0 and an exact zero below;
-    otherwise the level sets of |phi| (exact zeros of the wide computation count as underflow)."""
+    otherwise the level sets of |phi| (exact zeros of the wide computation count as flushed).
+    ``floor``: per layer (axis 0), eps * the post tensor's rms."""
     if act.name == "identity":
-        return _gaussian(var, fmt)
+        return _gaussian(var, fmt, floor)
     if act.name == "relu":
-        return tuple(0.5 * p for p in _gaussian(var, fmt))
+        return tuple(0.5 * p for p in _gaussian(var, fmt, floor))
     sigma = _np.sqrt(var)
     nonzero = _mass(_level_set(act.name, fmt.underflow_threshold), sigma)
-    return _mass(_level_set(act.name, fmt.overflow_threshold), sigma), 1.0 - nonzero, nonzero
+    under = _np.zeros_like(sigma)
+    for i in _np.flatnonzero(_np.ravel(floor) < fmt.underflow_threshold):  # else nothing flushed counts
+        above_floor = _mass(_level_set(act.name, float(_np.ravel(floor)[i])), sigma[i])
+        under[i] = _np.maximum(above_floor - nonzero[i], 0.0)
+    return _mass(_level_set(act.name, fmt.overflow_threshold), sigma), under, nonzero
 
 
 def _delta(act: Activation, q, grad2, fmt: Format):
     """delta = grad * phi'(z), z ~ N(0, q): a Gaussian scale mixture, by quadrature over z (relu:
-    half exact zeros, half N(0, grad2)); where phi'(z) == 0 delta is an exact zero."""
+    half exact zeros, half N(0, grad2)); where phi'(z) == 0 delta is an exact zero. The
+    significance floor is eps * rms(delta), rms^2 = grad2 E[phi'^2]."""
     if act.name == "identity":
-        return _gaussian(grad2, fmt)
+        return _gaussian(grad2, fmt, fmt.eps * _np.sqrt(grad2))
     if act.name == "relu":
-        return tuple(0.5 * p for p in _gaussian(_np.where(q > 0, grad2, 0.0), fmt))
+        live = _np.where(q > 0, grad2, 0.0)
+        return tuple(0.5 * p for p in _gaussian(live, fmt, fmt.eps * _np.sqrt(live / 2)))
     out = _np.zeros((3, len(q)))
     for i, (qi, g2) in enumerate(zip(q, grad2)):
         z, w = _nodes(qi)
-        out[:, i] = [p @ w for p in _gaussian(g2 * act.numpy_grad(z) ** 2, fmt)]
+        var = g2 * act.numpy_grad(z) ** 2
+        with _np.errstate(over="ignore", invalid="ignore"):
+            floor = fmt.eps * math.sqrt(float(var @ w))
+        out[:, i] = [p @ w for p in _gaussian(var, fmt, floor)]
     return tuple(out)
 
 
@@ -380,8 +394,12 @@ def predict(case) -> dict:
     with _np.errstate(over="ignore", invalid="ignore"):
         rows = _np.exp(-(prof.var_common + prof.var_row)[:, None] / 2 + _np.sqrt(prof.var_row)[:, None] * _ROW_X)
         var = prof.q[:, None] * _np.where(prof.q[:, None] > 0, rows, 0.0)
-    pre = _masks(_gaussian(var, fmt), _ROW_W, n, batch, case.underflow_threshold)
-    post = _masks(_post(act, var, fmt), _ROW_W, n, batch, case.underflow_threshold)
+    with _np.errstate(over="ignore", invalid="ignore"):  # each tensor's rms over all its rows
+        rms_pre = _np.sqrt(prof.q * _np.exp(-prof.var_common / 2))[:, None]
+        rms_post = rms_pre if act.name == "identity" else rms_pre / _SQRT2 if act.name == "relu" else \
+            _np.sqrt(prof.x2)[:, None]
+    pre = _masks(_gaussian(var, fmt, fmt.eps * rms_pre), _ROW_W, n, batch, case.underflow_threshold)
+    post = _masks(_post(act, var, fmt, fmt.eps * rms_post), _ROW_W, n, batch, case.underflow_threshold)
     forward = _first((pre[0] | post[0], pre[1] | post[1], post[2]), last=False)
     with _np.errstate(over="ignore", invalid="ignore"):
         rms = _np.sqrt(prof.q * _np.exp(-prof.var_common / 2))
@@ -411,9 +429,10 @@ def _backward(case, act, fmt, prof: Profile, forward, sigma_w2, x0_2) -> dict:
         delta2 = grad2 * dphi2
         one = _np.ones(1)
         thr = case.underflow_threshold
-        grad = _masks(_gaussian(grad2, fmt), one, n, batch, thr)
+        wgrad2 = batch * delta2 * x2
+        grad = _masks(_gaussian(grad2, fmt, fmt.eps * _np.sqrt(grad2)), one, n, batch, thr)
         delta = _masks(_delta(act, q, grad2, fmt), one, n, batch, thr)
-        wgrad = _masks(_gaussian(batch * delta2 * x2, fmt), one, n, n, thr)
+        wgrad = _masks(_gaussian(wgrad2, fmt, fmt.eps * _np.sqrt(wgrad2)), one, n, n, thr)
     events = _first((grad[0] | delta[0] | wgrad[0], grad[1] | delta[1] | wgrad[1], grad[2] | delta[2]), last=True)
     return {"applicable": True, "reason": None, **events, "rms": _np.sqrt(delta2).tolist()}
 

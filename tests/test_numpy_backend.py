@@ -31,18 +31,35 @@ def _stats(exact, fmt):
 
 def test_fp16_element_classes():
     sub = FP16.smallest_subnormal
-    # underflow (exact != 0 -> 0), exact zero, overflow (>= T_of 65520 -> inf), rounds to max,
-    # subnormal, normal: one element of each class
+    # flushed (exact != 0 -> 0), exact zero, overflow (>= T_of 65520 -> inf), rounds to max,
+    # subnormal, normal: one element of each class. The rms of the exact values is ~4e4, so the
+    # tiny ones sit far below eps * rms: flushed and subnormal, but neither counts as significant
     exact = [sub / 4, 0.0, 70000.0, 65519.0, 3 * sub, 1.0]
     st = _stats(exact, FP16)
-    assert st[S["underflow_frac"]] == 1 / 6
+    assert st[S["flush_frac"]] == 1 / 6
+    assert st[S["underflow_frac"]] == 0.0
     assert st[S["zero_frac"]] == 2 / 6
     assert st[S["overflow_frac"]] == 1 / 6
     assert st[S["inf_frac"]] == 1 / 6
     assert st[S["saturated_frac"]] == 1 / 6
-    assert st[S["subnormal_frac"]] == 1 / 6
+    assert st[S["subnormal_frac"]] == 0.0
     assert st[S["amin_nonzero"]] == 3 * sub
     assert st[S["amax"]] == math.inf
+
+
+def test_underflow_counts_only_elements_above_the_tensor_resolution():
+    sub = FP16.smallest_subnormal
+    # rms ~ 1.8 sub: eps * rms ~ sub / 560, so every nonzero element here is significant ...
+    small = [sub / 4, sub / 3, 0.0, 3 * sub, sub]
+    st = _stats(small, FP16)
+    assert st[S["underflow_frac"]] == st[S["flush_frac"]] == 2 / 5
+    assert st[S["subnormal_frac"]] == 2 / 5
+    # ... and the same elements beside one of magnitude 1e3 (eps * rms ~ 0.4) are not
+    st = _stats(small + [1e3], FP16)
+    assert st[S["flush_frac"]] == 2 / 6 and st[S["underflow_frac"]] == 0.0 and st[S["subnormal_frac"]] == 0.0
+    # the floor is eps * rms over the finite exact values: an inf does not make everything insignificant
+    st = _stats(small + [np.inf], FP16)
+    assert st[S["underflow_frac"]] == 2 / 6
 
 
 def test_relu_zeros_are_exact_zeros_not_underflow():
@@ -95,11 +112,14 @@ def test_rms_of_huge_fp64_values_does_not_overflow():
 
 
 def test_grad_extra_stats():
-    # n = 200, threshold 0.01: m = 1, exact_q = the 2nd smallest nonzero |exact|
-    exact = np.concatenate([[0.0, -3e-9, 5e-9, -7.0], np.ones(196)])
-    amax, q = grad_extra_stats(exact, 0.01)
-    assert amax == 7.0 and q == 5e-9
-    assert grad_extra_stats(np.zeros(10), 0.5)[1] == math.inf
+    # n = 200, threshold 0.01: m = 1, exact_q = the 2nd smallest significant |exact| (>= eps * rms,
+    # rms ~ 1.1 and fp16's eps 2^-10: a floor ~ 1.1e-3)
+    exact = np.concatenate([[0.0, -3e-3, 5e-3, -7.0], np.ones(196)])
+    amax, q = grad_extra_stats(exact, 0.01, FP16)
+    assert amax == 7.0 and q == 5e-3
+    below_floor = np.concatenate([[0.0, -3e-9, 5e-9, -7.0], np.ones(196)])  # flushed at any scale: not counted
+    assert grad_extra_stats(below_floor, 0.01, FP16)[1] == 1.0
+    assert grad_extra_stats(np.zeros(10), 0.5, FP16)[1] == math.inf
 
 
 def _chain(fmt="fp16", act="relu", width=4, batch=3, depth=2, backward=False, **kw):

@@ -17,7 +17,7 @@ from precision_suite.formats import get_format  # noqa: E402
 from precision_suite.stats import GRAD_EXTRA_STATS, STAT_NAMES  # noqa: E402
 
 FORMATS = ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp64"]
-COUNTS = ["zero_frac", "underflow_frac", "overflow_frac", "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac"]
+COUNTS = ["zero_frac", "underflow_frac", "flush_frac", "overflow_frac", "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac"]
 
 
 @st.composite
@@ -61,12 +61,14 @@ def test_torch_statistics_match_numpy_masks(case):
     fmt, exact = case
     rounded = ref._round(exact, fmt)
     got = tensor_stats(torch.from_numpy(exact), torch.from_numpy(rounded), fmt).numpy()
-    grads = grad_extra_stats(torch.from_numpy(exact), 0.1)
+    grads = grad_extra_stats(torch.from_numpy(exact), 0.1, fmt)
     for row in range(exact.shape[0]):
         want = ref.tensor_stats(exact[row], rounded[row], fmt)
+        alone = tensor_stats(torch.from_numpy(exact[row:row + 1]), torch.from_numpy(rounded[row:row + 1]), fmt).numpy()
         for name in COUNTS:
             i = STAT_NAMES.index(name)
             assert got[row, i] == pytest.approx(want[i], abs=1e-12, nan_ok=True), (name, fmt.name, row)
+            np.testing.assert_equal(alone[0, i], got[row, i], err_msg=f"{name}: alone vs stacked ({fmt.name})")
         i = STAT_NAMES.index("amax")
         np.testing.assert_equal(got[row, i], want[i])
         if not np.isnan(rounded[row]).any():  # numpy's min propagates NaN; torch leaves NaN out
@@ -78,6 +80,6 @@ def test_torch_statistics_match_numpy_masks(case):
                 got_value = got[row, STAT_NAMES.index(name)]
                 assert got_value == pytest.approx(value, rel=1e-5, abs=scale), (name, fmt.name)
         if not np.isnan(exact[row]).any():  # torch counts NaN as zero there, numpy sorts it last
-            want_extra = ref.grad_extra_stats(exact[row], 0.1)
+            want_extra = ref.grad_extra_stats(exact[row], 0.1, fmt)
             for k, name in enumerate(GRAD_EXTRA_STATS):
                 np.testing.assert_equal(grads[row, k], want_extra[k], err_msg=f"{name} {fmt.name}")

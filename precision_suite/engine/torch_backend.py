@@ -23,7 +23,7 @@ from ..activations import get_activation
 from ..formats import Format, get_format, round_to_format
 from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
 
-__all__ = ["TorchStack", "CaseView", "stack_key", "tensor_stats"]
+__all__ = ["TorchStack", "CaseView", "stack_key", "tensor_stats", "grad_extra_stats"]
 
 NORM_EPS = 1e-5
 _I = {name: i for i, name in enumerate(STAT_NAMES)}
@@ -32,8 +32,11 @@ _I = {name: i for i, name in enumerate(STAT_NAMES)}
 def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     """Statistics of a stack of C tensors (leading dim) as a float64 CPU tensor [C, len(STAT_NAMES)].
 
-    underflow: exact != 0 and rounded == 0 (native: and |exact| < smallest normal — a larger exact
-    value that came out zero was cancelled inside the kernel, not lost to the format's range).
+    Per row, t = eps * rms(exact) (``_floors``) separates significant elements from those below the
+    tensor's own resolution.
+    flush: exact != 0 and rounded == 0. underflow: a flushed element with |exact| >= t (native: and
+    |exact| < smallest normal — a larger exact value that came out zero was cancelled inside the
+    kernel, not lost to the format's range). subnormal: 0 < |rounded| < smallest normal, |exact| >= t.
     overflow: |exact| rounds past max, i.e. >= T_of (> T_of for fp8_e4m3fn, see ``formats``)
     (native: also inf, or NaN from a finite exact value).
 
@@ -43,9 +46,10 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     - counts on the magnitudes' bit patterns, which order like the values (NaN above inf):
       #(|r| < t) = sum(clamp(bits(t) - bits, 0, 1)), one integer pass where a boolean mask and
       its sum are 5-10x slower on CPU;
-    - counts that cannot be non-zero are skipped: amin(|r|) > 0 -> no zero, no underflow;
-      amax < max -> no inf, NaN, overflow or saturation; amin_nonzero >= smallest normal -> no
-      subnormal; emulated underflow = zeros(rounded) - zeros(exact);
+    - counts that cannot be non-zero are skipped: amin(|r|) > 0 -> no zero, no flush; amax < max
+      -> no inf, NaN, overflow or saturation; amin_nonzero >= smallest normal -> no subnormal;
+      emulated flush = zeros(rounded) - zeros(exact); significance is settled from rms(rounded)
+      where that bound decides it (``_floor_bounds``), so most rows need no pass over exact;
     - the per-row arithmetic (moments, fractions) on the host in float64. The decisions read a few
       numbers per stack, one synchronisation each on a GPU.
     """
@@ -70,6 +74,7 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
             counts["overflow_frac"] = over.sum(dim=1)
         for name, count in zip(counts, _host(*counts.values())):
             out[:, _I[name]] = count / n
+    floors = _Floors(e, fmt, out[:, _I["rms"]], amax, exact_bound=not native)
     zeros, amin_nonzero = 0, amin
     zeros_possible = not (amin > 0).all()  # NaN compares False: look closer
     if zeros_possible:
@@ -79,17 +84,119 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     out[:, _I["amin_nonzero"]] = amin_nonzero
     if not (amin_nonzero >= fmt.smallest_normal).all():
         [below_normal] = _host(_count_below(bits, _bits(fmt.smallest_normal, a.dtype), in_place=True))  # zeros too
-        out[:, _I["subnormal_frac"]] = (below_normal - zeros) / n
+        subnormal = below_normal - zeros
+        # emulated, a subnormal |r| >= smallest_subnormal came from |exact| > smallest_subnormal / 2
+        # and one below smallest_normal: a floor at or below the first is met, one above the second never
+        rows = _np.flatnonzero(subnormal > 0)
+        keep_all = floors.at_most(fmt.underflow_threshold, rows) if not native else _np.zeros(len(rows), bool)
+        none = floors.at_least(fmt.smallest_normal, rows) if not native else _np.zeros(len(rows), bool)
+        subnormal[rows[none]] = 0
+        look = rows[~keep_all & ~none]
+        if look.size:
+            ra, ea = r[look].abs(), e[look].abs()
+            subnormal[look] = floors.count(look, (ra > 0) & (ra < fmt.smallest_normal), ea)
+        out[:, _I["subnormal_frac"]] = subnormal / n
     if not fmt.has_wider:  # not available: fp64 has no wider format
-        out[:, _I["underflow_frac"]] = out[:, _I["overflow_frac"]] = math.nan
-    elif zeros_possible and native:
-        [under] = _host(((r == 0) & (e != 0) & (e.abs() < fmt.smallest_normal)).sum(dim=1))
+        out[:, _I["underflow_frac"]] = out[:, _I["flush_frac"]] = out[:, _I["overflow_frac"]] = math.nan
+    elif zeros_possible:
+        if native:
+            [flushed] = _host(((r == 0) & (e != 0)).sum(dim=1))
+        else:  # exact zeros round to zero, so the difference is the flushed count
+            ea = e.abs() if not _np.isnan(amax).any() else torch.nan_to_num(e.abs(), nan=1.0)  # NaN is no zero
+            [nonzero_exact] = _host(ea.sign_().sum(dim=1))
+            flushed = zeros - (n - nonzero_exact)
+        out[:, _I["flush_frac"]] = flushed / n
+        under = _np.zeros(c)
+        rows = _np.flatnonzero(flushed > 0)
+        # emulated, a flushed |exact| is at most smallest_subnormal / 2; native counts below smallest normal
+        limit = fmt.smallest_normal if native else fmt.underflow_threshold
+        look = rows[~floors.above(limit, rows)] if not native else rows[~floors.at_least(limit, rows)]
+        if look.size:
+            ra, ea = r[look], e[look].abs()
+            mask = (ra == 0) & (ea > 0)
+            if native:
+                mask &= ea < fmt.smallest_normal
+            under[look] = floors.count(look, mask, ea)
         out[:, _I["underflow_frac"]] = under / n
-    elif zeros_possible:  # exact zeros round to zero, so the difference is the underflowed count
-        ea = e.abs() if not _np.isnan(amax).any() else torch.nan_to_num(e.abs(), nan=1.0)  # NaN is no zero
-        [nonzero_exact] = _host(ea.sign_().sum(dim=1))
-        out[:, _I["underflow_frac"]] = (zeros - (n - nonzero_exact)) / n
     return torch.from_numpy(out)
+
+
+class _Floors:
+    """Per row, the significance floor t = eps * rms(exact), rms in float64 over the finite exact
+    values (exact zeros included; none finite: t = inf, nothing is significant).
+
+    Emulated rounding is nearest-even, |r - e| <= eps/2 |e| + smallest_subnormal/2 per element, so
+    by Minkowski's inequality rms(e) lies within [(rms(r) - s/2)/(1 + eps/2), (rms(r) + s/2)/(1 - eps/2)]
+    for a row whose rounded values are all finite (``exact_bound``). Most decisions (no underflow,
+    every subnormal significant) follow from that interval; the exact rms is computed only for the
+    rows whose floor the interval leaves undecided."""
+
+    _SLACK = 1e-4  # rms(r) itself comes from a float32 norm: a relative error far below this
+
+    def __init__(self, exact, fmt: Format, rms_rounded: _np.ndarray, amax: _np.ndarray, exact_bound: bool):
+        self.exact, self.fmt = exact, fmt
+        half_eps, half_sub = fmt.eps / 2, fmt.smallest_subnormal / 2
+        usable = _np.isfinite(amax) & exact_bound
+        with _np.errstate(invalid="ignore"):
+            lo = _np.maximum(rms_rounded - half_sub, 0) / (1 + half_eps) * (1 - self._SLACK)
+            hi = (rms_rounded + half_sub) / (1 - half_eps) * (1 + self._SLACK)
+        self.lo = fmt.eps * _np.where(usable, lo, 0.0)
+        self.hi = fmt.eps * _np.where(usable, hi, math.inf)
+        self.exact_floor: dict[int, float] = {}
+
+    def at_most(self, value: float, rows: _np.ndarray) -> _np.ndarray:
+        return self.hi[rows] <= value
+
+    def at_least(self, value: float, rows: _np.ndarray) -> _np.ndarray:
+        return self.lo[rows] >= value
+
+    def above(self, value: float, rows: _np.ndarray) -> _np.ndarray:
+        return self.lo[rows] > value
+
+    def count(self, rows: _np.ndarray, mask, magnitudes) -> _np.ndarray:
+        """Per row of ``rows``: #(mask & magnitudes >= t), t the row's exact floor."""
+        import torch
+
+        t = self.floor(rows)
+        t_dev = torch.from_numpy(_ceil_to(t, magnitudes.dtype)).to(magnitudes.device)[:, None]
+        [n] = _host((mask & (magnitudes >= t_dev)).sum(dim=1))
+        return n
+
+    def floor(self, rows: _np.ndarray) -> _np.ndarray:
+        missing = [i for i in rows.tolist() if i not in self.exact_floor]
+        if missing:
+            self.exact_floor.update(zip(missing, self.fmt.eps * _exact_rms(self.exact[missing])))
+        return _np.array([self.exact_floor[i] for i in rows.tolist()])
+
+
+def _exact_rms(e) -> _np.ndarray:
+    """Per row, rms over the finite values, in float64 (scaled by a power of two per row so squares
+    stay inside float64); NaN-free: inf where no value is finite."""
+    import torch
+
+    x = e.detach().to(torch.float64)
+    finite = torch.isfinite(x)
+    x = torch.where(finite, x, 0.0).abs()
+    [top, count] = _host(x.amax(dim=1), finite.sum(dim=1))
+    k = _np.where(top > 0, -_np.ceil(_np.log2(_np.where(top > 0, top, 1.0))), 0).astype(_np.int64)
+    scale = torch.from_numpy(_np.ldexp(1.0, k)).to(x.device)[:, None]
+    [norm] = _host(torch.linalg.vector_norm(x * scale, dim=1))
+    with _np.errstate(divide="ignore", invalid="ignore"):
+        rms = _np.ldexp(norm, -k) / _np.sqrt(count)
+    return _np.where(count > 0, rms, math.inf)
+
+
+def _ceil_to(t: _np.ndarray, dtype) -> _np.ndarray:
+    """float64 thresholds -> the smallest value of ``dtype`` (float32/float64) at or above each, so
+    that ``|x| >= result`` in dtype means ``|x| >= t`` for every x of that dtype."""
+    import torch
+
+    np_dtype = _np.float32 if dtype == torch.float32 else _np.float64
+    with _np.errstate(over="ignore"):
+        d = t.astype(np_dtype)
+    up = d.astype(_np.float64) < t
+    d[up] = _np.nextafter(d[up], np_dtype(_np.inf))
+    return d
 
 
 def _magnitudes(r, fmt: Format):
@@ -185,10 +292,11 @@ def _squares_out_of_range(amax: _np.ndarray, dtype, n: int) -> _np.ndarray:
                 & ((amax > math.sqrt(info.max / n)) | (amax < math.sqrt(info.tiny / info.eps))))
 
 
-def grad_extra_stats(exact, threshold: float) -> _np.ndarray:
+def grad_extra_stats(exact, threshold: float, fmt: Format) -> _np.ndarray:
     """[C, 2] float64: exact_amax and exact_q of each of C stacked gradients (see ``stats.GRAD_EXTRA_STATS``):
-    the (m + 1)-th smallest nonzero |exact|, m = ceil(threshold * n) - 1, NaN counted as zero — one
-    batched selection over the bit patterns with zeros sent to the top (``_amin_nonzero``)."""
+    the (m + 1)-th smallest significant |exact| (>= eps * rms(exact), ``_Floors``), m = ceil(threshold * n) - 1,
+    NaN counted as zero — one batched selection over the bit patterns with zeros and the elements
+    below the floor sent to the top (``_amin_nonzero``)."""
     import torch
 
     c = exact.shape[0]
@@ -200,11 +308,14 @@ def grad_extra_stats(exact, threshold: float) -> _np.ndarray:
         [amax] = _host(torch.nan_to_num(a, nan=0.0, posinf=math.inf).amax(dim=1))
     q = _np.full(c, math.inf)
     if m < n:  # topk of the m + 1 smallest is ~2.5x faster than kthvalue on CPU here; ints ~20% faster still
+        floor = _ceil_to(fmt.eps * _exact_rms(a), a.dtype)
         bits = a.view(_int_dtype(a.dtype))  # a's last use: lifted in place (see _count_below)
+        floor_bits = torch.from_numpy(floor).to(a.device).view(bits.dtype)[:, None]
+        bits.masked_fill_(bits < floor_bits, 0)  # below the tensor's resolution: never underflow
         lifted = bits.sub_(1).bitwise_and_(torch.iinfo(bits.dtype).max)
         qb = torch.topk(lifted, m + 1, dim=1, largest=False).values[:, -1]
         [q] = _host(torch.where(qb < _bits(math.inf, a.dtype), qb + 1, 0).view(a.dtype))
-        q[(q == 0) | _np.isnan(q)] = math.inf  # fewer than m + 1 nonzero, non-NaN values
+        q[(q == 0) | _np.isnan(q)] = math.inf  # fewer than m + 1 significant, non-NaN values
     return _np.stack([amax, q], axis=1)
 
 
@@ -351,7 +462,7 @@ class _Reducer:
         exact, rounded = (exact[0], rounded[0]) if len(layers) == 1 else (torch.cat(exact), torch.cat(rounded))
         stats = tensor_stats(exact, rounded, self.fmt, native=self.native).numpy()
         if self.grad_threshold is not None:
-            stats = _np.concatenate([stats, grad_extra_stats(exact, self.grad_threshold)], axis=1)
+            stats = _np.concatenate([stats, grad_extra_stats(exact, self.grad_threshold, self.fmt)], axis=1)
         for i, layer in enumerate(layers):
             self.table[layer - 1] = stats[i * c:(i + 1) * c]
         self.recorded += len(layers)
