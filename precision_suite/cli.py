@@ -11,10 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from .verdicts import FAIL_ON_CHOICES
+
 __all__ = ["main", "build_parser", "FAIL_ON_CHOICES"]
 
-_FORWARD_EVENTS = ("overflow", "nan", "underflow", "zero", "subnormal", "underflow_any")
-FAIL_ON_CHOICES = _FORWARD_EVENTS + tuple(f"grad_{e}" for e in _FORWARD_EVENTS)
 _LIST_AXES = ("inits", "activations", "formats", "devices", "modes", "backends", "norms", "inputs",
               "depth", "width", "batch", "seed")
 
@@ -162,7 +162,8 @@ def _cmd_run(args) -> int:
 
     from .progress import Progress
     from .runner import run_matrix
-    from .summary import failed_checks, summary_table
+    from .summary import summary_table
+    from .verdicts import failed_checks
 
     with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
         try:

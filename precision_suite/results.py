@@ -1,4 +1,10 @@
-"""Result data model and the versioned JSON contract (DESIGN §5): build, write atomically, load, merge.
+"""Result data model and the versioned JSON contract: build, write atomically, load, merge.
+
+Schema version 2: ``definitions`` (``{"underflow": "significant"}``: an element counts as underflow
+only when |exact| >= eps * rms, see docs/definitions.md#element-classes), ``environments`` (a list; each
+case names its own by index) and each case's ``failure`` (``verdicts.case_failure``). Version-1
+files still load: their one ``environment`` becomes ``environments[0]`` and their definitions are
+``{"underflow": "any"}`` (version 1 counted every nonzero -> zero element).
 
 Non-finite floats are written as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has
 none) and read back as floats. A statistic that is not available is ``null``.
@@ -11,20 +17,23 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as _np
 
 from .spec import Case
 from .stats import Events
+from .verdicts import case_failure
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "TensorStats", "ForwardResult", "BackwardResult", "CaseResult",
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "DEFINITIONS", "TensorStats", "ForwardResult", "BackwardResult", "CaseResult",
            "Results", "write_json_atomic", "load_results", "merge_results", "encode_float", "decode_float",
            "ResultsError"]
 
 SCHEMA = "precision-suite/results"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DEFINITIONS = {"underflow": "significant"}
+_V1_DEFINITIONS = {"underflow": "any"}
 
 
 class ResultsError(ValueError):
@@ -118,18 +127,29 @@ class BackwardResult:
 class CaseResult:
     case: Case
     status: str = "ok"  # "ok" | "error" | "skipped"
-    error: str | None = None
+    error: str | None = None  # the exception's one line (status "error")
     forward: ForwardResult | None = None
     backward: BackwardResult | None = None
     theory: dict | None = None
     seconds: float = 0.0
+    skip_reason: str | None = None  # why it could not run here, known before it started (status "skipped")
+    environment: int = 0  # index into Results.environments: the machine/shard that ran it
 
     @property
     def id(self) -> str:
         return self.case.id
 
+    @property
+    def failure(self) -> dict | None:
+        """``{"direction", "layer", "kind"}`` of the case (``verdicts.case_failure``); None when it
+        survives both directions or did not run."""
+        if self.status != "ok" or self.forward is None:
+            return None
+        return case_failure(self.forward.events, self.backward and self.backward.events, self.case.depth)
+
     def to_dict(self) -> dict:
-        return {"id": self.case.id, "status": self.status, "error": self.error, "spec": self.case.to_dict(),
+        return {"id": self.case.id, "status": self.status, "error": self.error, "skip_reason": self.skip_reason,
+                "environment": self.environment, "failure": self.failure, "spec": self.case.to_dict(),
                 "forward": None if self.forward is None else self.forward.to_dict(),
                 "backward": None if self.backward is None else self.backward.to_dict(),
                 "theory": _encode_tree(self.theory), "seconds": round(self.seconds, 6)}
@@ -140,7 +160,8 @@ class CaseResult:
         return cls(Case.from_dict(d["spec"]), d["status"], d.get("error"),
                    None if fwd is None else ForwardResult.from_dict(fwd),
                    None if bwd is None else BackwardResult.from_dict(bwd),
-                   _decode_tree(d.get("theory")), float(d.get("seconds", 0.0)))
+                   _decode_tree(d.get("theory")), float(d.get("seconds", 0.0)), d.get("skip_reason"),
+                   int(d.get("environment", 0)))
 
 
 def _encode_tree(obj):
@@ -171,30 +192,48 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class Results:
-    """A run's cases; ``created`` and ``tool_version`` default to now and this version (a loaded
-    file keeps its own, "" where it had none)."""
+    """A run's cases and the environments they ran in; ``created`` and ``tool_version`` default to
+    now and this version (a loaded file keeps its own, "" where it had none). A plain run passes its
+    one fingerprint dict as ``environments``."""
 
     cases: tuple[CaseResult, ...]
-    environment: dict = field(default_factory=dict)
+    environments: tuple[dict, ...] = ()
     created: str = field(default_factory=_now)
     tool_version: str = field(default_factory=lambda: _tool_version())
+    definitions: dict = field(default_factory=lambda: dict(DEFINITIONS))
+
+    def __post_init__(self):
+        if isinstance(self.environments, dict):
+            object.__setattr__(self, "environments", (self.environments,))
+
+    @property
+    def environment(self) -> dict:
+        """The first environment (a plain run has exactly one)."""
+        return self.environments[0] if self.environments else {}
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "definitions": self.definitions,
                 "created": self.created or _now(),
                 "tool_version": self.tool_version or _tool_version(),
-                "environment": _encode_tree(self.environment),
+                "environments": [_encode_tree(e) for e in self.environments],
                 "cases": [c.to_dict() for c in self.cases]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Results":
         if d.get("schema") != SCHEMA:
-            raise ResultsError(f"not a precision-suite results file (schema {d.get('schema')!r}, expected {SCHEMA!r})")
-        if not isinstance(d.get("schema_version"), int) or d["schema_version"] > SCHEMA_VERSION:
-            raise ResultsError(f"results schema_version {d.get('schema_version')!r} is newer than this tool "
-                               f"reads ({SCHEMA_VERSION}); upgrade precision-suite")
-        return cls(tuple(CaseResult.from_dict(c) for c in d["cases"]), _decode_tree(d.get("environment", {})),
-                   d.get("created", ""), d.get("tool_version", ""))
+            raise ResultsError(f"is not a precision-suite results file (its \"schema\" is {d.get('schema')!r}, "
+                               f"expected {SCHEMA!r})")
+        version = d.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ResultsError(f"has results schema_version {version!r}, newer than this tool reads "
+                               f"({SCHEMA_VERSION}); upgrade precision-suite")
+        if version == 1:
+            environments, definitions = [d.get("environment", {})], _V1_DEFINITIONS
+        else:
+            environments, definitions = d["environments"], d["definitions"]
+        return cls(tuple(CaseResult.from_dict(c) for c in d["cases"]),
+                   tuple(_decode_tree(e) for e in environments), d.get("created", ""), d.get("tool_version", ""),
+                   dict(definitions))
 
     def by_id(self) -> dict[str, CaseResult]:
         return {c.id: c for c in self.cases}
@@ -247,15 +286,32 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} is not a precision-suite results file (top level is {type(data).__name__})")
     try:
         return Results.from_dict(data)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:  # ValueError: a spec this version rejects
-        raise ResultsError(f"{path} does not follow the results schema: missing or malformed {e}") from None
+    except ResultsError as e:
+        raise ResultsError(f"{path} {e}") from None
+    except KeyError as e:
+        raise ResultsError(f"{path} does not follow the results schema: {e} is missing") from None
+    except (TypeError, AttributeError, ValueError) as e:  # ValueError: a spec this version rejects
+        raise ResultsError(f"{path} does not follow the results schema: {e}") from None
 
 
 def merge_results(parts: list[Results]) -> Results:
-    """One Results from several shards; a case id in two shards must be the same run (later wins)."""
+    """One Results from several shards; a case id in two shards must be the same run (later wins).
+
+    Every part's environments are kept (identical ones once) and each case points at its own; parts
+    must share their definitions (a version-1 file's underflow is not a version-2 one's)."""
+    definitions = {str(p.definitions) for p in parts}
+    if len(definitions) > 1:
+        raise ResultsError(f"cannot merge results with different definitions ({', '.join(sorted(definitions))}): "
+                           "rerun the older shards with this version")
+    environments: list[dict] = []
     merged: dict[str, CaseResult] = {}
     for part in parts:
+        index = {}
+        for i, env in enumerate(part.environments):
+            if env not in environments:
+                environments.append(env)
+            index[i] = environments.index(env)
         for c in part.cases:
-            merged[c.id] = c
-    env = parts[0].environment if parts else {}
-    return Results(tuple(merged.values()), env)
+            merged[c.id] = replace(c, environment=index.get(c.environment, 0))
+    return Results(tuple(merged.values()), tuple(environments),
+                   definitions=dict(parts[0].definitions) if parts else dict(DEFINITIONS))

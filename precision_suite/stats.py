@@ -1,7 +1,8 @@
 """Event detection over per-layer statistics: the one piece of logic every backend shares.
 
 Backends reduce tensors to the statistics named in ``STAT_NAMES`` with their own array code; this
-module turns the per-layer numbers into events (DESIGN §2). Layers are numbered 1..depth.
+module turns the per-layer numbers into events (docs/definitions.md#events). Layers are numbered
+1..depth; which event is a pass's failure is ``verdicts.pass_failure``'s decision.
 
 Forward events are the *first* layer (lowest number) where the event shows on pre **or** post.
 Backward events are the first in backward order: the *highest* layer where it shows on grad,
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as _np
 
-__all__ = ["STAT_NAMES", "GRAD_EXTRA_STATS", "Events", "forward_events", "backward_events", "FAILURE_ORDER", "EVENT_NAMES"]
+from .verdicts import pass_failure
+
+__all__ = ["STAT_NAMES", "GRAD_EXTRA_STATS", "Events", "forward_events", "backward_events", "EVENT_NAMES"]
 
 STAT_NAMES = ("rms", "mean", "std", "amax", "amin_nonzero", "zero_frac", "underflow_frac", "overflow_frac",
               "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac")
@@ -26,9 +29,6 @@ STAT_NAMES = ("rms", "mean", "std", "amax", "amin_nonzero", "zero_frac", "underf
 GRAD_EXTRA_STATS = ("exact_amax", "exact_q")
 EVENT_NAMES = ("first_overflow", "first_nan", "first_underflow", "first_underflow_any", "first_subnormal",
                "first_zero")
-# a failure is the earliest of these; on a tie the first listed wins
-FAILURE_ORDER = (("overflow", "first_overflow"), ("nan", "first_nan"), ("zero", "first_zero"),
-                 ("underflow", "first_underflow"))
 
 Columns = dict  # stat name -> np.ndarray of shape (depth,), or None when not available
 
@@ -41,7 +41,7 @@ class Events:
     first_underflow_any: int | None = None
     first_subnormal: int | None = None
     first_zero: int | None = None
-    failure: dict | None = None  # {"layer": int, "kind": "overflow" | "nan" | "zero" | "underflow"}
+    failure: dict | None = None  # verdicts.pass_failure: {"layer": int, "kind": "overflow" | "nan" | "zero" | "underflow"}
     zero_cause: str | None = None  # "underflow" or "exact_zeros" (e.g. a dead ReLU layer)
 
     def to_dict(self) -> dict:
@@ -83,15 +83,7 @@ def _events(tensors: list[Columns], zero_tensors: list[Columns], threshold: floa
     if found["first_zero"] is not None:
         under = _mask(tensors, "underflow_frac", lambda c: c > 0)
         zero_cause = "underflow" if under is not None and under[found["first_zero"] - 1] else "exact_zeros"
-    candidates = [(found[key], rank, kind) for rank, (kind, key) in enumerate(FAILURE_ORDER)
-                  if found[key] is not None]
-    failure = None
-    if candidates:
-        pick = max if last else min
-        layer = pick(c[0] for c in candidates)
-        kind = min((c for c in candidates if c[0] == layer), key=lambda c: c[1])[2]
-        failure = {"layer": layer, "kind": kind}
-    return Events(**found, failure=failure, zero_cause=zero_cause)
+    return Events(**found, failure=pass_failure(found, backward=last), zero_cause=zero_cause)
 
 
 def forward_events(pre: Columns, post: Columns, threshold: float) -> Events:

@@ -1,10 +1,11 @@
-"""Text a user reads after a run: the summary table and the ``--fail-on`` verdicts."""
+"""Text a user reads after a run: the summary table (verdicts from ``verdicts``)."""
 
 from __future__ import annotations
 
 from .results import Results
+from .verdicts import backend_disagreements, count_cases
 
-__all__ = ["summary_table", "failed_checks", "describe_failure"]
+__all__ = ["summary_table", "describe_failure", "describe_case_failure"]
 
 
 def describe_failure(events, depth: int) -> str:
@@ -20,6 +21,16 @@ def describe_failure(events, depth: int) -> str:
     return f"{kind} @ {f['layer']}"
 
 
+def describe_case_failure(result) -> str:
+    """The case's failure, ``∇`` before a backward one: ``∇ overflow @ 12``, ``nan @ 3``, ``survived 100``."""
+    f = result.failure
+    if f is None:
+        return f"survived {result.case.depth}"
+    backward = f["direction"] == "backward"
+    text = describe_failure(result.backward.events if backward else result.forward.events, result.case.depth)
+    return ("∇ " if backward else "") + text
+
+
 def _warnings(events) -> str:
     if events is None:
         return ""
@@ -32,38 +43,30 @@ def _warnings(events) -> str:
 
 
 def summary_table(results: Results) -> str:
-    rows = [("case", "forward", "backward", "warnings (fwd)")]
+    """One row per case (its failure first, then each pass), a footer with the counts.
+
+    A case whose twin on the other backend (same spec) fails its passes differently is flagged
+    ``≠ numpy`` / ``≠ torch``."""
+    disagree = backend_disagreements(results.cases)
+    twins = {r.id: r.case.backend for r in results.cases}
+    rows = [("case", "fails first", "forward", "backward", "warnings (fwd)")]
     for r in results.cases:
         if r.status != "ok":
-            rows.append((r.id, r.status.upper(), "", r.error or ""))
+            rows.append((r.id, r.status.upper(), "", "", r.error or r.skip_reason or ""))
             continue
-        rows.append((r.id, describe_failure(r.forward.events, r.case.depth),
+        flag = f"≠ {twins[disagree[r.id]]}" if r.id in disagree else ""
+        rows.append((r.id, describe_case_failure(r), describe_failure(r.forward.events, r.case.depth),
                      describe_failure(r.backward.events if r.backward else None, r.case.depth),
-                     _warnings(r.forward.events)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}".rstrip() for a, b, c, d in rows]
+                     " ".join(w for w in (flag, _warnings(r.forward.events)) if w)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + f"  {row[4]}" for row in rows]
+    lines = [line.rstrip() for line in lines]
     lines.insert(1, "-" * min(len(lines[0]) + 20, 160))
-    ok = sum(r.status == "ok" for r in results.cases)
-    failed = sum(r.status == "ok" and r.forward.events.failure is not None for r in results.cases)
-    lines.append(f"{len(results.cases)} cases: {ok} ran, {failed} fail in the forward pass, "
-                 f"{sum(r.status == 'error' for r in results.cases)} errors, "
-                 f"{sum(r.status == 'skipped' for r in results.cases)} skipped")
+    n = count_cases(results.cases)
+    footer = (f"{n.total} cases: {n.ran} ran, {n.failing} fail ({n.forward} forward, {n.backward} backward first), "
+              f"{n.errors} errors, {n.skipped} skipped")
+    if disagree:
+        pairs = len(disagree) // 2
+        footer += f"; {pairs} torch/numpy pair{'s' if pairs != 1 else ''} disagree (≠)"
+    lines.append(footer)
     return "\n".join(lines)
-
-
-def failed_checks(results: Results, fail_on: list[str]) -> list[str]:
-    """One line per (case, event) that ``--fail-on`` names and the case has."""
-    out = []
-    for r in results.cases:
-        if r.status != "ok":
-            continue
-        for item in fail_on:
-            grad = item.startswith("grad_")
-            events = r.backward.events if grad else r.forward.events
-            if events is None:
-                continue
-            name = "first_" + (item[5:] if grad else item)
-            layer = getattr(events, name)
-            if layer is not None:
-                out.append(f"{r.id}: {item} at layer {layer}")
-    return out

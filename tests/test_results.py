@@ -1,8 +1,10 @@
-"""The JSON contract: strict JSON, non-finite values as strings, atomic writes, load round trip."""
+"""The JSON contract: strict JSON, non-finite values as strings, atomic writes, load round trip,
+schema version 2 (definitions, environments, the case failure) and version-1 files still loading."""
 
 import json
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -34,10 +36,18 @@ def test_round_trip_is_lossless(results, tmp_path):
 def test_contract_fields(results):
     d = results.to_dict()
     assert d["schema"] == "precision-suite/results" and d["schema_version"] == SCHEMA_VERSION
-    assert {"created", "tool_version", "environment", "cases"} <= set(d)
-    assert "flush_denormal" in d["environment"] and "torch" in d["environment"]
+    assert SCHEMA_VERSION == 2 and d["definitions"] == {"underflow": "significant"}
+    assert {"created", "tool_version", "environments", "cases"} <= set(d) and "environment" not in d
+    [env] = d["environments"]
+    assert "flush_denormal" in env and "torch" in env
     c = d["cases"][0]
-    assert set(c) == {"id", "status", "error", "spec", "forward", "backward", "theory", "seconds"}
+    assert set(c) == {"id", "status", "error", "skip_reason", "environment", "failure", "spec", "forward",
+                      "backward", "theory", "seconds"}
+    assert all(case["environment"] == 0 for case in d["cases"])
+    overflows = next(case for case in d["cases"] if case["id"].startswith("identity-normal-fp16"))
+    fwd, bwd, depth = overflows["forward"]["failure"], overflows["backward"]["failure"], 8
+    direction = "forward" if fwd["layer"] - 1 <= depth - bwd["layer"] else "backward"  # fewer layers survived
+    assert overflows["failure"] == {"direction": direction, **overflows[direction]["failure"]}
     assert set(c["spec"]) >= {"init", "activation", "format", "device", "mode", "backend", "width", "depth",
                               "batch", "seed", "input", "norm", "residual", "bias", "underflow_threshold"}
     for key in ("first_overflow", "first_nan", "first_underflow", "first_underflow_any", "first_subnormal",
@@ -67,8 +77,55 @@ def test_newer_schema_and_garbage_are_refused(tmp_path, results):
         load_results(tmp_path / "bad.json")
 
 
+def test_another_schema_is_named_in_one_clear_line(tmp_path):
+    path = tmp_path / "X.json"
+    path.write_text(json.dumps({"schema": "foo", "cases": []}))
+    with pytest.raises(ResultsError) as err:
+        load_results(path)
+    assert str(err.value) == (f"{path} is not a precision-suite results file (its \"schema\" is 'foo', "
+                              "expected 'precision-suite/results')")
+
+
+def _as_version_1(d: dict) -> dict:
+    """What version 1 wrote: one environment, no definitions, no case failure, index or skip reason."""
+    v1 = {k: v for k, v in d.items() if k not in ("definitions", "environments")}
+    v1.update(schema_version=1, environment=d["environments"][0],
+              cases=[{k: v for k, v in c.items() if k not in ("failure", "environment", "skip_reason")}
+                     for c in d["cases"]])
+    return v1
+
+
+def test_version_1_files_still_load(results, tmp_path):
+    path = write_json_atomic(tmp_path / "v1.json", _as_version_1(results.to_dict()))
+    back = load_results(path)
+    assert back.definitions == {"underflow": "any"}  # version 1 counted every nonzero -> zero element
+    assert back.environments == (results.environment,) and back.environment == results.environment
+    assert [c.environment for c in back.cases] == [0] * len(results.cases)
+    assert [c.failure for c in back.cases] == [c.failure for c in results.cases]
+    assert back.to_dict()["schema_version"] == SCHEMA_VERSION
+
+
 def test_merge_keeps_every_case_once(results):
     a = Results(results.cases[:2], results.environment)
     b = Results(results.cases[1:], results.environment)
     merged = merge_results([a, b])
     assert sorted(c.id for c in merged.cases) == sorted(c.id for c in results.cases)
+    assert merged.environments == (results.environment,)  # identical environments once
+
+
+def test_merge_keeps_every_environment_and_reindexes_cases(results):
+    other = {**results.environment, "hostname": "shard-b"}
+    a = Results(results.cases[:2], results.environment)
+    b = Results(results.cases[2:], (other,))
+    merged = merge_results([b, a])
+    assert merged.environments == (other, results.environment)
+    index = {c.id: c.environment for c in merged.cases}
+    assert all(index[c.id] == 1 for c in results.cases[:2]) and all(index[c.id] == 0 for c in results.cases[2:])
+    back = Results.from_dict(json.loads(json.dumps(merged.to_dict())))
+    assert [back.environments[c.environment]["hostname"] for c in back.cases if c.id == results.cases[2].id] == ["shard-b"]
+
+
+def test_merge_refuses_parts_with_different_definitions(results):
+    old = replace(Results(results.cases[:1], results.environment), definitions={"underflow": "any"})
+    with pytest.raises(ResultsError, match="different definitions"):
+        merge_results([old, Results(results.cases[1:], results.environment)])
