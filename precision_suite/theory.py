@@ -1,4 +1,4 @@
-"""Mean-field predictions of the failing layer (DESIGN §3) and loss-scale advice (DESIGN §2).
+"""Mean-field predictions of the failing layer (docs/theory.md).
 
 Forward, pre-activations z_l ~ N(0, q_l) over the batch x width elements (mean field):
 
@@ -58,7 +58,7 @@ from .draws import parse_input
 from .formats import Format, get_format
 from .inits import parse_init
 
-__all__ = ["Profile", "gauss_expect", "loss_scale_advice", "predict", "propagate"]
+__all__ = ["Profile", "gauss_expect", "predict", "propagate"]
 
 _SQRT2 = math.sqrt(2.0)
 _PIXEL_LEVELS = 256  # draws.draw_input: pixels are the integers 0..255
@@ -370,7 +370,7 @@ def _why_not(case, init) -> str | None:
 
 
 def predict(case) -> dict:
-    """The case's ``theory`` block (DESIGN §3, §5): predicted events forward and backward.
+    """The case's ``theory`` block (docs/theory.md): predicted events forward and backward.
 
     ``rms``: the predicted pre-activation RMS, sqrt(q_l e^{-V_C/2}) (the median over draws);
     ``backward.rms``: the RMS of delta_l = dloss/dpre_l, loss scale included. A null event means
@@ -435,126 +435,3 @@ def _backward(case, act, fmt, prof: Profile, forward, sigma_w2, x0_2) -> dict:
         wgrad = _masks(_gaussian(wgrad2, fmt, fmt.eps * _np.sqrt(wgrad2)), one, n, n, thr)
     events = _first((grad[0] | delta[0] | wgrad[0], grad[1] | delta[1] | wgrad[1], grad[2] | delta[2]), last=True)
     return {"applicable": True, "reason": None, **events, "rms": _np.sqrt(delta2).tolist()}
-
-
-# ---- loss-scale advice (DESIGN §2) ----
-
-
-def _gradscaler_defaults() -> tuple[float, float]:
-    """(init_scale, backoff_factor) of torch.amp.GradScaler, read from its signature (2^16, 0.5)."""
-    import inspect
-
-    import torch
-
-    params = inspect.signature(torch.amp.GradScaler.__init__).parameters
-    return float(params["init_scale"].default), float(params["backoff_factor"].default)
-
-
-def _pow2(k: int | None) -> float | None:
-    """2^k as a float, or None where k is None or 2^k lies outside float64."""
-    if k is None or not -1074 <= k <= 1023:
-        return None
-    return math.ldexp(1.0, k)
-
-
-def _largest_safe_k(a: float, fmt: Format) -> int:
-    """The largest k with 2^k a not overflowing ``fmt`` (a > 0 finite; below T_of, or at it where
-    the tie rounds to max, as in fp8_e4m3fn)."""
-    k = math.floor(math.log2(fmt.overflow_threshold) - math.log2(a))
-    with _np.errstate(over="ignore"):
-        while fmt.overflows(_np.ldexp(a, k)):
-            k -= 1
-        while not fmt.overflows(_np.ldexp(a, k + 1)):
-            k += 1
-    return k
-
-
-def _smallest_k_above(a: float, limit: float) -> int:
-    """The smallest k with 2^k a > limit (a, limit > 0 and finite)."""
-    k = math.ceil(math.log2(limit) - math.log2(a))
-    with _np.errstate(over="ignore"):
-        while _np.ldexp(a, k) <= limit:
-            k += 1
-        while _np.ldexp(a, k - 1) > limit:
-            k -= 1
-    return k
-
-
-def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_scale: float) -> dict:
-    """Static loss-scale advice from the exact (wide) gradients of every layer (DESIGN §2).
-
-    ``backward_columns``: {"grad", "grad_pre", "wgrad"} -> column dicts, whose ``exact_amax`` and
-    ``exact_q`` (stats.GRAD_EXTRA_STATS) were measured at ``current_scale``. With A = max exact_amax
-    and Q = min exact_q, both divided by the current scale, a power of two S = 2^k
-
-        overflows nothing      iff  S A < T_of (fmt.overflows)  -> max_safe_scale = max such S
-        lifts every underflow  iff  S Q > smallest_subnormal/2  -> min_useful_scale = min such S
-        fraction below ``threshold``
-
-    ``recommended`` is the power of two halfway between them (in log2, rounded down), or null
-    where min_useful > max_safe; an unbounded side is null and the recommendation then stays at
-    1 if that is inside the range. ``gradscaler_backoffs``: halvings of GradScaler's initial scale
-    down to max_safe_scale. Exact values are computed from rounded operands: below a layer whose
-    gradient underflowed, a gradient that vanished entirely shows no magnitude at all, and the
-    verdict says min_useful_scale is then only a lower bound.
-    """
-    cols = list(backward_columns.values())
-    missing = [name for name in ("exact_amax", "exact_q") if any(c.get(name) is None for c in cols)]
-    if missing:
-        raise ValueError(f"backward columns lack {', '.join(missing)} (stats.GRAD_EXTRA_STATS): "
-                         "the backend must record them for the loss-scale advice")
-    amax = _np.concatenate([_np.asarray(c["exact_amax"], dtype=_np.float64) for c in cols]) / current_scale
-    q = _np.concatenate([_np.asarray(c["exact_q"], dtype=_np.float64) for c in cols]) / current_scale
-    advice = {"max_safe_scale": None, "min_useful_scale": None, "recommended": None, "gradscaler_backoffs": None}
-    if not fmt.has_wider:
-        advice["verdict"] = f"{fmt.name} has no wider format: its gradients' range cannot be judged"
-        return advice
-    if not _np.isfinite(amax).all() or _np.isnan(q).any():
-        advice["verdict"] = ("some gradients are inf/NaN even in the wide precision: no static loss scale "
-                             "can be derived; fix the forward pass first")
-        return advice
-    a, q_min = float(amax.max()), float(q.min())
-    if a == 0:
-        advice["gradscaler_backoffs"] = 0
-        advice["verdict"] = "every gradient is exactly zero: there is nothing for a loss scale to lift"
-        return advice
-    t_of, t_under = fmt.overflow_threshold, fmt.underflow_threshold
-    k_max = _largest_safe_k(a, fmt) if math.isfinite(t_of) else None
-    k_min = _smallest_k_above(q_min, t_under) if math.isfinite(q_min) else None
-    init_scale, backoff = _gradscaler_defaults()
-    backoffs = 0
-    if k_max is not None and math.ldexp(1.0, k_max) < init_scale:
-        backoffs = math.ceil((math.log2(init_scale) - k_max) / -math.log2(backoff))
-    advice.update(max_safe_scale=_pow2(k_max), min_useful_scale=_pow2(k_min), gradscaler_backoffs=backoffs)
-    if k_min is not None and k_max is not None and k_min > k_max:
-        advice["verdict"] = (f"no static loss scale fits {fmt.name}: keeping every layer's gradient underflow "
-                             f"below {threshold:g} needs at least 2^{k_min}, but scales above 2^{k_max} overflow a "
-                             "gradient; use bf16 or per-tensor scaling")
-        return advice
-    if k_min is not None and k_max is not None:
-        k = (k_min + k_max) // 2
-    else:
-        k = min(0, k_max) if k_max is not None else max(0, k_min) if k_min is not None else 0
-    advice["recommended"] = _pow2(k)
-    bounds = [f"scales above 2^{k_max} overflow a gradient" if k_max is not None else "no scale overflows",
-              f"below 2^{k_min} >= {threshold:g} of a layer's gradients underflow" if k_min is not None
-              else "none underflows"]
-    fits = not fmt.overflows(current_scale * a) and (k_min is None or current_scale * q_min > t_under)
-    advice["verdict"] = (f"loss scale 2^{k} fits {fmt.name}: {', '.join(bounds)}; "
-                         f"the current scale {current_scale:g} {'fits' if fits else 'does not fit'}")
-    lost = _lost_below(backward_columns["grad"], backward_columns["grad_pre"])
-    if lost:
-        advice["verdict"] += (f"; the gradients of layers 1..{lost} vanished entirely below an underflow, so "
-                              "min_useful_scale is only a lower bound: rerun at the recommended scale")
-    return advice
-
-
-def _lost_below(*flow) -> int | None:
-    """The highest layer whose gradient (w.r.t. post or pre) is entirely zero while some layer
-    above it lost gradient elements to underflow; None if there is none."""
-    zero = _np.any([_np.asarray(c["zero_frac"], dtype=_np.float64) >= 1 for c in flow], axis=0)
-    under = _np.any([_np.nan_to_num(_np.asarray(c["underflow_frac"], dtype=_np.float64)) > 0 for c in flow], axis=0)
-    for i in _np.flatnonzero(zero)[::-1]:
-        if under[i + 1:].any():
-            return int(i) + 1
-    return None

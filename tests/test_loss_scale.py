@@ -11,7 +11,7 @@ import pytest
 from precision_suite.draws import draw_seed_grad
 from precision_suite.formats import get_format, round_to_format
 from precision_suite.runner import run_case
-from precision_suite.theory import loss_scale_advice
+from precision_suite.loss_scale import loss_scale_advice
 
 FP16 = get_format("fp16")
 T_OF, T_UNDER = FP16.overflow_threshold, FP16.underflow_threshold  # 65520, 2^-25
@@ -55,6 +55,15 @@ def test_bounds_are_strict_at_the_thresholds():
 def test_measured_scale_is_divided_out(scale):
     a = advise([2.0**3], [2.0**-30], scale=scale)
     assert (a["max_safe_scale"], a["min_useful_scale"], a["recommended"]) == (2.0**12, 2.0**6, 2.0**9)
+
+
+def test_no_scaling_needed_recommends_one():
+    # bf16-like gradients: max safe 2^120, min useful 2^-15; 1 already fits, so 1 it is (not 2^52)
+    bf16 = get_format("bf16")
+    a = advise([2.0**7], [2.0**-118], fmt=bf16)
+    assert a["min_useful_scale"] < 1 < a["max_safe_scale"]
+    assert a["recommended"] == 1.0
+    assert a["verdict"].startswith("no loss scaling is needed in bf16") and "the current scale 1 fits" in a["verdict"]
 
 
 def test_no_static_scale_fits():

@@ -45,42 +45,60 @@ def split_units(cases: Iterable[Case]) -> list[list[Case]]:
 
 def run_cases(cases: list[Case], *, backward: bool = True, rel_error: bool = False,
               on_result: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
-    """Run every case; ``on_result`` is called as each case finishes (progress, checkpoints)."""
+    """Run every case; ``on_result`` is called as each case finishes (progress, checkpoints).
+    A case that raises is recorded with ``status="error"``, never dropped."""
     keep_freed_memory()
     results = []
     for group in group_cases(cases):
-        for r in _run_group(group, backward=backward, rel_error=rel_error):
+        try:
+            group_results = _run_group(group, backward=backward, rel_error=rel_error)
+        except Exception as exc:  # the group's shared draws failed: no case of it can run
+            group_results = [CaseResult(c, status="error", error=_error_line(exc)) for c in group]
+        for r in group_results:
             results.append(r)
             if on_result is not None:
                 on_result(r)
     return results
 
 
-def _error_result(case: Case, exc: BaseException, seconds: float = 0.0) -> CaseResult:
-    msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return CaseResult(case, status="error", error=msg, seconds=seconds)
+def _error_line(exc: BaseException) -> str:
+    """``ValueError: <the message's first line>``."""
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
 
 
-def _make_units(cases: list[Case], x0, backward: bool, rel_error: bool) -> list:
-    """The objects that step through the layers: a numpy chain per case, a torch stack per
-    ``stack_key``. Each unit has ``cases``, ``fmt``, ``step`` and per-case ``views``."""
-    from .torch_backend import TorchStack, stack_key
+def _make_unit(cases: list[Case], x0, backward: bool, rel_error: bool):
+    """The object that steps ``cases`` (one of ``_units_plan``) through the layers: a numpy chain
+    or a torch stack, with ``cases``, ``fmt``, ``step`` and per-case ``views``."""
+    if cases[0].backend == "numpy":
+        from .numpy_backend import NumpyChain
 
-    units, stacks = [], defaultdict(list)
-    for case in cases:
-        if case.backend == "numpy":
-            from .numpy_backend import NumpyChain
+        chain = NumpyChain(cases[0], x0, backward=backward, rel_error=rel_error)
+        chain.cases, chain.views = cases, [chain]
+        return chain
+    from .torch_backend import TorchStack
 
-            chain = NumpyChain(case, x0, backward=backward, rel_error=rel_error)
-            chain.cases, chain.views = [case], [chain]
-            units.append(chain)
-        else:
-            stacks[stack_key(case)].append(case)
-    units += [TorchStack(group, x0, backward=backward, rel_error=rel_error) for group in stacks.values()]
-    return units
+    return TorchStack(cases, x0, backward=backward, rel_error=rel_error)
 
 
 def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[CaseResult]:
+    """Run one group. A unit that raises (setting up, in a layer, or finishing) is dropped: alone,
+    its case is an error; stacked, its cases rerun one by one, so that only the case that raises
+    is an error and the others get the results they get alone (bit-identical)."""
+    done, seconds, raised = _run_units(cases, backward, rel_error)
+    for unit_cases, error in raised:
+        if len(unit_cases) == 1:
+            done[unit_cases[0].id] = CaseResult(unit_cases[0], status="error", error=error)
+            continue
+        for case in unit_cases:
+            alone = _run_group([case], backward=backward, rel_error=rel_error)[0]
+            seconds[case.id] += alone.seconds
+            done[case.id] = alone
+    return [replace(done[c.id], seconds=seconds[c.id]) for c in cases]
+
+
+def _run_units(cases: list[Case], backward: bool, rel_error: bool) -> tuple[dict, dict, list]:
+    """Step every unit of a group through its layers and finish it: (results by case id, seconds by
+    case id, [(cases of a unit that raised, the error's line)]). Its chains are freed on return."""
     import torch
 
     first = cases[0]
@@ -88,13 +106,14 @@ def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[Ca
     x0 = draw_input(parse_input(first.input), first.seed, first.batch, first.width)
     done: dict[str, CaseResult] = {}
     seconds: dict[str, float] = defaultdict(float)
+    raised: list[tuple[list[Case], str]] = []
     units = []
     for unit_cases in _units_plan(cases):
         t0 = time.perf_counter()
         try:
-            units += _make_units(unit_cases, x0, backward, rel_error)
-        except Exception as exc:  # a case that cannot run is recorded, never dropped
-            done.update({c.id: _error_result(c, exc) for c in unit_cases})
+            units.append(_make_unit(unit_cases, x0, backward, rel_error))
+        except Exception as exc:
+            raised.append((unit_cases, _error_line(exc)))
         _charge(seconds, unit_cases, time.perf_counter() - t0)
     draws = LayerDraws(init, first.seed, first.width, first.depth, first.bias,
                        activation=get_activation(first.activation), x0=x0)
@@ -109,27 +128,30 @@ def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[Ca
                 try:
                     unit.step(layer, *rounded[fmt.name])
                 except Exception as exc:
-                    done.update({c.id: _error_result(c, exc) for c in unit.cases})
+                    raised.append((unit.cases, _error_line(exc)))
                     units.remove(unit)
                 _charge(seconds, unit.cases, time.perf_counter() - t0)
         g64 = draw_seed_grad(first.seed, first.batch, first.width) if backward else None
         for unit in units:
             t0 = time.perf_counter()
-            for view in unit.views:
-                try:
-                    done[view.case.id] = _finish(view, g64)
-                except Exception as exc:
-                    done[view.case.id] = _error_result(view.case, exc)
+            try:
+                finished = [_finish(view, g64) for view in unit.views]
+            except Exception as exc:
+                raised.append((unit.cases, _error_line(exc)))
+            else:
+                done.update({r.id: r for r in finished})
             _charge(seconds, unit.cases, time.perf_counter() - t0)
-    return [replace(done[c.id], seconds=seconds[c.id]) for c in cases]
+    return done, seconds, raised
 
 
 def _units_plan(cases: list[Case]) -> list[list[Case]]:
-    """Build units per backend so that a failure to set one up marks only its own cases."""
-    by_backend = defaultdict(list)
+    """The cases of each unit: a numpy chain per case, a torch stack per ``stack_key``."""
+    from .torch_backend import stack_key
+
+    units: dict[tuple, list[Case]] = defaultdict(list)
     for c in cases:
-        by_backend[c.backend].append(c)
-    return list(by_backend.values())
+        units[stack_key(c) if c.backend == "torch" else ("numpy", c.id)].append(c)
+    return list(units.values())
 
 
 def _charge(seconds: dict, cases: list[Case], elapsed: float) -> None:
@@ -139,7 +161,8 @@ def _charge(seconds: dict, cases: list[Case], elapsed: float) -> None:
 
 
 def _finish(chain, g64) -> CaseResult:
-    from ..theory import loss_scale_advice, predict
+    from ..loss_scale import loss_scale_advice
+    from ..theory import predict
 
     case = chain.case
     if g64 is not None:
