@@ -25,17 +25,19 @@ from pathlib import Path
 
 import pytest
 
-from .cli import FAIL_ON_CHOICES
 from .results import CaseResult, Results
 from .spec import Case, Matrix, SpecError, split_list
+from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, compare_results, count_cases,
+                       event_layer, expectation_met, theory_verdict)
 
 __all__ = ["EXPECTATIONS", "PrecisionSession", "describe_event", "precision_case", "precision_spec"]
 
 _OPTIONS = (
     ("json", "PATH", "write the results of every precision case of the run to this JSON file"),
     ("report", "PATH", "write the HTML report of every precision case of the run to this file"),
-    ("baseline", "PATH", ("results JSON of an earlier run: a test fails when its case's overflow, nan, "
-                          "underflow or zero layer (forward or backward) differs from the baseline's")),
+    ("baseline", "PATH", ("results JSON of an earlier run: a test fails when its case's failure, overflow, nan, "
+                          "underflow or zero layer (forward or backward) differs from the baseline's, or the "
+                          "case ran there and errors now")),
     ("devices", "LIST", ("devices of precision_matrix tests that name none (default: cpu,cuda; "
                          "cuda cases skip where no GPU is present)")),
     ("formats", "LIST", "formats of precision_matrix tests that name none (default: fp32,fp16,bf16)"),
@@ -55,10 +57,6 @@ _ID_FIELDS = ("activation", "init", "format", "device")
 _ID_NAMED = {"mode": "emulated", "backend": "torch", "norm": "none", "input": "normal"}
 _ID_SIZES = {"depth": "d{}", "width": "w{}", "batch": "b{}", "seed": "s{}"}
 
-EXPECTATIONS = ("survives", *(f"no-{e}" for e in FAIL_ON_CHOICES), *FAIL_ON_CHOICES)
-# compared exactly with --precision-baseline: same seed, same bits; first_underflow_any and
-# first_subnormal are warnings (rare-event statistics), not regressions
-_REGRESSION_EVENTS = ("first_overflow", "first_nan", "first_underflow", "first_zero")
 _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gradient w.r.t. post",
                  "grad_pre": "gradient w.r.t. pre-activation", "wgrad": "weight gradient"}
 _SESSION = pytest.StashKey["PrecisionSession"]()
@@ -158,9 +156,8 @@ class PrecisionSession:
         """Why this case fails its test: declared expectations, --precision-fail-on, the baseline."""
         if result.status == "error":
             return [f"{result.id} could not run: {result.error}"]
-        out = [_broken_expectation(result, e) for e in expect]
-        out += [f"--precision-fail-on {item}: {describe_event(result, item)}" for item in self.fail_on
-                if _event_layer(result, item) is not None]
+        out = [_broken_expectation(result, e) for e in expect if not expectation_met(result, e)]
+        out += [f"--precision-fail-on {item}: {describe_event(result, item)}" for item in checks_hit(result, self.fail_on)]
         if self.baseline is not None:
             out.append(_regression(result, self.baseline, self.baseline_path))
         return [line for line in out if line]
@@ -234,14 +231,16 @@ class PrecisionSession:
         if self.worker is not None or not (self.records or self.written or self.lost_workers):
             return
         cases = self.results()
-        failing = sum(r.status == "ok" and r.forward.events.failure is not None for r in cases)
-        errors = sum(r.status == "error" for r in cases)
-        lines = [f"{len(cases)} precision cases: {failing} fail in the forward pass, {errors} could not run"]
+        n = count_cases(cases)
+        lines = [f"{n.total} precision cases: {n.failing} fail ({n.forward} forward, {n.backward} backward first), "
+                 f"{n.errors} could not run"]
         if self.baseline is not None:
             base = self.baseline.by_id()
-            missing = sum(r.id not in base for r in cases)
-            lines.append(f"baseline {self.baseline_path}: {len(cases) - missing} cases compared"
-                         + (f", {missing} not in it" if missing else ""))
+            new = sum(r.id not in base for r in cases)
+            not_run = sum(m.event == "missing" for m in compare_results(cases, self.baseline))
+            lines.append(f"baseline {self.baseline_path}: {len(cases) - new} cases compared"
+                         + (f", {new} not in it" if new else "")
+                         + (f", {not_run} of its cases not run here" if not_run else ""))
         lines += self.written
         lines += [f"worker {w} went down: its precision results are missing" for w in self.lost_workers]
         terminalreporter.write_sep("-", "precision-suite")
@@ -415,7 +414,7 @@ def precision_case(request, precision_spec):
             result = session.run(case if case is not None else _single_case({**base, **changes}), backward)
         session.record(request.node.nodeid, result)
         if result.status == "skipped":
-            pytest.skip(f"{result.id}: {result.error}")
+            pytest.skip(f"{result.id}: {result.skip_reason or result.error}")
         failures = session.failures(result, expect)
         if failures:
             pytest.fail("\n".join(failures), pytrace=False)
@@ -426,32 +425,20 @@ def precision_case(request, precision_spec):
 
 # ---------------------------------------------------------------- messages a user can act on
 
-def _events(result: CaseResult, item: str):
-    """(Events, direction) of a fail-on item: ``grad_*`` is the backward pass."""
-    if item.startswith("grad_"):
-        return (result.backward.events if result.backward else None), "backward"
-    return result.forward.events, "forward"
-
-
-def _event_layer(result: CaseResult, item: str) -> int | None:
-    events, _ = _events(result, item)
-    return None if events is None else getattr(events, "first_" + item.removeprefix("grad_"))
-
-
-def _broken_expectation(result: CaseResult, expectation: str) -> str | None:
+def _broken_expectation(result: CaseResult, expectation: str) -> str:
+    """Why ``result`` does not meet ``expectation`` (``verdicts.expectation_met`` said it does not)."""
     case = result.case
     if expectation == "survives":
-        f = result.forward.events.failure
-        return None if f is None else f"expected to survive {case.depth} layers: {describe_event(result, f['kind'])}"
+        f = result.failure
+        item = ("grad_" if f["direction"] == "backward" else "") + f["kind"]
+        return f"expected to survive {case.depth} layers in both directions: {describe_event(result, item)}"
     if expectation.startswith("no-"):
-        item = expectation[3:]
-        return None if _event_layer(result, item) is None else f"expected {expectation}: {describe_event(result, item)}"
-    events, direction = _events(result, expectation)
-    if events is None:
+        return f"expected {expectation}: {describe_event(result, expectation[3:])}"
+    direction = "backward" if expectation.startswith("grad_") else "forward"
+    block = getattr(result, direction)
+    if block is None:
         return f"expected {expectation}, but the backward pass was not run"
-    if _event_layer(result, expectation) is not None:
-        return None
-    failure = events.failure
+    failure = block.events.failure
     summary = (f"the {direction} pass survived" if failure is None
                else f"{direction} failure: {failure['kind']} at layer {failure['layer']}")
     return (f"expected {case.format} {expectation.replace('_', ' ')} within {case.depth} layers, none happened "
@@ -464,7 +451,7 @@ def describe_event(result: CaseResult, item: str) -> str:
     from .formats import get_format
 
     case, fmt = result.case, get_format(result.case.format)
-    layer = _event_layer(result, item)
+    layer = event_layer(result, item)
     event = item.removeprefix("grad_")
     backward = item.startswith("grad_")
     tensors = ("grad", "grad_pre", "wgrad") if backward else ("pre", "post")
@@ -498,36 +485,28 @@ def _at(stats: dict, stat: str, i: int) -> float:
 
 def _theory_note(result: CaseResult, item: str) -> str:
     """``; theory predicted 28`` where theory is applicable and predicts this kind of event."""
-    theory = result.theory or {}
-    if item.startswith("grad_"):
-        theory = theory.get("backward") or {}
+    verdict = theory_verdict(result.theory, "backward" if item.startswith("grad_") else "forward")
     key = "first_" + item.removeprefix("grad_")
-    if not theory.get("applicable") or key not in theory:
+    if verdict.status != "prediction" or key not in verdict.events:
         return ""
-    predicted = theory[key]
+    predicted = verdict.events[key]
     return f"; theory predicted {predicted}" if predicted is not None else f"; theory predicted none within {result.case.depth}"
 
 
 def _regression(result: CaseResult, baseline: Results, path: Path) -> str | None:
-    """The headline events that moved against the baseline's run of the same case id."""
+    """The judged changes (``verdicts.case_moves``) against the baseline's run of the same case id."""
     before = baseline.by_id().get(result.id)
-    if before is None:
-        return None
-    if before.status != result.status:
-        return f"{result.id}: status {before.status} in the baseline {path}, {result.status} now"
-    moved = []
-    for direction in ("forward", "backward"):
-        old, new = getattr(before, direction), getattr(result, direction)
-        if old is None or new is None:
-            continue
-        for name in _REGRESSION_EVENTS:
-            a, b = getattr(old.events, name), getattr(new.events, name)
-            if a != b:
-                moved.append(f"{direction} {name} {_layer(a)} -> {_layer(b)}")
+    moved = [] if before is None else [m for m in case_moves(before, result) if m.judged]
     if not moved:
         return None
-    return f"moved against the baseline {path}: {'; '.join(moved)} [{result.id}]"
+    said = [f"status {m.before} -> {m.after}" if m.direction is None
+            else f"{m.direction} {m.event} {_said(m.before)} -> {_said(m.after)}" for m in moved]
+    return f"moved against the baseline {path}: {'; '.join(said)} [{result.id}]"
 
 
-def _layer(layer: int | None) -> str:
-    return "none" if layer is None else f"layer {layer}"
+def _said(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return f"{value['kind']} at layer {value['layer']}"
+    return f"layer {value}"

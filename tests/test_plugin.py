@@ -75,18 +75,30 @@ def test_expectations_survives_and_an_event_that_must_happen(pytester):
         @pytest.mark.precision(expect="grad_overflow", init="kaiming_normal", activation="relu", {TINY})
         def test_gradients_overflow(precision_case):
             precision_case()
+
+        # the forward pass survives, the gradients overflow: survives means both directions
+        @pytest.mark.precision(expect="no-overflow", init="normal", activation="tanh", depth=12, width=64, batch=8)
+        def test_forward_only_survives(precision_case):
+            precision_case()
+
+        @pytest.mark.precision(expect="survives", init="normal", activation="tanh", depth=12, width=64, batch=8)
+        def test_gradients_fail(precision_case):
+            precision_case()
     """)
     result = pytester.runpytest()
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines([
-        "expected to survive 12 layers: fp16 overflow at layer * of 12 (pre-activation: *",
+        "expected to survive 12 layers in both directions: fp16 gradient overflow at layer 12 of 12, the first "
+        "in backward order (*[[]relu-normal-fp16-*",
         "expected fp16 grad overflow within 12 layers, none happened (the backward pass survived)*",
+        "expected to survive 12 layers in both directions: fp16 gradient overflow at layer 1 of 12, the first "
+        "in backward order (*[[]tanh-normal-fp16-*",
     ])
 
 
 def test_json_and_report_are_written(chain_tests):
     result = chain_tests.runpytest("--precision-json", "out/results.json", "--precision-report", "out/report.html")
-    result.stdout.fnmatch_lines(["*precision-suite*", "2 precision cases: 1 fail in the forward pass, 0 could not run",
+    result.stdout.fnmatch_lines(["*precision-suite*", "2 precision cases: 1 fail (0 forward, 1 backward first), 0 could not run",
                                  "results: out/results.json", "report:  out/report.html"])
     cases = load_results(chain_tests.path / "out/results.json").cases
     assert [c.case.init for c in cases] == ["kaiming_normal", "normal"]  # collection order
@@ -224,13 +236,13 @@ def test_xdist_workers_results_reach_one_json(pytester):
     serial = pytester.runpytest_subprocess("-n", "0", "--precision-json", "serial.json")
     parallel = pytester.runpytest_subprocess("-n", "2", "--precision-json", "parallel.json", "--precision-report", "p.html")
     assert serial.ret == parallel.ret == pytest.ExitCode.OK
-    parallel.stdout.fnmatch_lines(["6 precision cases: * fail in the forward pass, 0 could not run"])
+    parallel.stdout.fnmatch_lines(["6 precision cases: * fail (* forward, * backward first), 0 could not run"])
     assert sorted(p.name for p in pytester.path.iterdir() if p.suffix in (".json", ".html")) == [
         "p.html", "parallel.json", "serial.json"]
     a, b = (json.loads((pytester.path / name).read_text()) for name in ("serial.json", "parallel.json"))
     _same_cases(a, b)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert b["environment"]["torch_threads"] == max(1, cores // 2)
+    assert b["environments"][0]["torch_threads"] == max(1, cores // 2)
 
 
 def test_skip_reason_names_the_missing_device(pytester):

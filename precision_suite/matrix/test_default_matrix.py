@@ -6,7 +6,7 @@ depth 100, batch 64, seed 0. Each test holds its case to an independent predicti
 the case departs from it, never for merely running:
 
 * ``test_chain`` (emulated): an identity or ReLU chain, where mean-field theory is applicable,
-  against theory (DESIGN §3); every other chain against the independent numpy backend run on the
+  against theory (docs/definitions.md); every other chain against the independent numpy backend run on the
   same draws (forward; the backward cross-check of the whole engine is the engine's own tests').
 * ``test_native``: the backend's own kernels against the emulated chain. A difference this machine
   is known to have is an xfail that names it.
@@ -19,11 +19,11 @@ import pytest
 
 from precision_suite.formats import get_format
 from precision_suite.pytest_plugin import describe_event
-from precision_suite.stats import FAILURE_ORDER
+from precision_suite.verdicts import FAILURE_ORDER, theory_verdict
 
 pytestmark = pytest.mark.precision_matrix(modes="emulated")
 
-THEORY_ACTIVATIONS = ("identity", "relu")  # where DESIGN §3 stands behind the Gaussian picture
+THEORY_ACTIVATIONS = ("identity", "relu")  # where the theory stands behind the Gaussian picture (docs/definitions.md)
 # Two correct implementations that accumulate in another order can put an element on the other side
 # of a rounding boundary, so an event may fire a layer apart. That is accepted only where the chain
 # that fires later was within this factor of the event's threshold at the earlier layer.
@@ -31,7 +31,7 @@ MARGIN = 2.0
 _RANK = {kind: rank for rank, (kind, _) in enumerate(FAILURE_ORDER)}
 KNOWN_DEVIATIONS = {
     "onednn-bf16-flush": "oneDNN's CPU bf16 matmul flushes subnormal inputs and outputs to zero even with "
-                         "set_flush_denormal(False) (DESIGN §7), so the native bf16 chain dies earlier "
+                         "set_flush_denormal(False) (docs/known-deviations.md), so the native bf16 chain dies earlier "
                          "than the emulated one",
 }
 
@@ -42,13 +42,6 @@ def theory_tolerance(layer: int) -> int:
     The prediction is the median over draws; at width 128 x batch 64 each layer's gain is itself
     random and the log-scale drifts like a random walk, so the spread grows with depth."""
     return max(1, round(0.1 * layer))
-
-
-def predicted_failure(theory: dict) -> dict | None:
-    """The theory block's failure, shaped like ``Events.failure``: the earliest predicted event,
-    ties broken as ``stats.FAILURE_ORDER`` does (theory predicts no NaN)."""
-    found = [(theory[key], rank, kind) for rank, (kind, key) in enumerate(FAILURE_ORDER) if theory.get(key) is not None]
-    return None if not found else {"layer": min(found)[0], "kind": min(found)[2]}
 
 
 def near_threshold(result, kind: str, layer: int) -> bool:
@@ -69,7 +62,7 @@ def _layer(failure: dict | None, depth: int) -> int:
 
 
 def _order(failure: dict | None, depth: int) -> tuple:
-    """Which failure comes first: by layer, then as stats.FAILURE_ORDER ranks kinds; survival last."""
+    """Which forward failure comes first: by layer, then as verdicts.FAILURE_ORDER ranks kinds; survival last."""
     return (depth + 1, 0) if failure is None else (failure["layer"], _RANK[failure["kind"]])
 
 
@@ -92,14 +85,14 @@ def departure(result, reference, depth: int) -> str | None:
 
 def test_chain(precision_case, precision_spec):
     result = precision_case()
-    depth, theory = precision_spec.depth, result.theory or {}
-    if precision_spec.activation not in THEORY_ACTIVATIONS or not theory.get("applicable"):
+    depth, theory = precision_spec.depth, theory_verdict(result.theory, "forward")
+    if precision_spec.activation not in THEORY_ACTIVATIONS or theory.status != "prediction":
         reference = precision_case(backend="numpy", device="cpu", backward=False)
         why = departure(result, reference, depth)
         if why:
             pytest.fail(f"departs from the numpy reference: {why}", pytrace=False)
         return
-    measured, predicted = result.forward.events.failure, predicted_failure(theory)
+    measured, predicted = result.forward.events.failure, theory.failure
     tolerance = theory_tolerance(min(_layer(predicted, depth), depth))
     same_kind = (measured or {}).get("kind") == (predicted or {}).get("kind")
     if not same_kind or abs(_layer(measured, depth) - _layer(predicted, depth)) > tolerance:
@@ -111,7 +104,7 @@ def test_chain(precision_case, precision_spec):
 @pytest.mark.precision_matrix(modes="native")
 def test_native(precision_case, precision_spec):
     if precision_spec.format.startswith("fp8"):
-        pytest.skip("torch has no fp8 activation kernels: a native fp8 chain cannot run (DESIGN §2)")
+        pytest.skip("torch has no fp8 activation kernels: a native fp8 chain cannot run (docs/modes.md#native)")
     native = precision_case()
     emulated = precision_case(mode="emulated")
     depth = precision_spec.depth
