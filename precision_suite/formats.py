@@ -10,7 +10,7 @@ past ``max``; a value exactly at it is a tie, and nearest-even sends it past ``m
 ``max``'s last significand bit is odd. That holds for fp16, bf16, fp32 and fp8_e5m2, whose max
 has an all-ones significand, but not for fp8_e4m3fn: its max 448 = 0b1.110 * 2^8 is even (0b1.111
 with the top exponent is NaN), so 464 rounds to 448 (ml_dtypes agrees) and overflow starts above
-464. DESIGN §2 says ">= T_of"; ``Format.overflows`` applies the exact rule.
+464: ``Format.overflows`` applies the exact rule (docs/definitions.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Format:
     name: str
     np_dtype: _np.dtype = field(repr=False)
     torch_name: str  # attribute of the ``torch`` module, resolved lazily so --help never imports torch
-    wide_name: str  # the compute precision that holds this format's exact values (DESIGN §2)
+    wide_name: str  # the compute precision that holds this format's exact values (docs/definitions.md)
     max: float
     smallest_normal: float
     smallest_subnormal: float

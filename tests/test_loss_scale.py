@@ -1,4 +1,4 @@
-"""Loss-scale advice (DESIGN §2): exact bounds on constructed gradient columns, a chain whose
+"""Loss-scale advice (docs/definitions.md): exact bounds on constructed gradient columns, a chain whose
 gradient range is known by construction, and the end-to-end rerun with the recommended scale."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Theory (DESIGN §3) against measured chains, and its parts against closed forms and Monte Carlo."""
+"""Theory (docs/theory.md) against measured chains, and its parts against closed forms and Monte Carlo."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _table(rows) -> tuple[str, list, list]:
 
 
 def test_theory_within_one_layer_of_measurement(agreement):
-    """±1 layer for >= 90% of (case, event) pairs where either side has the event (DESIGN §6)."""
+    """±1 layer for >= 90% of (case, event) pairs where either side has the event."""
     table, compared, wide = _table(agreement)
     share = sum(compared) / len(compared)
     summary = f"{sum(compared)}/{len(compared)} within ±1 layer ({share:.0%})"

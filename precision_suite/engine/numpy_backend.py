@@ -1,6 +1,6 @@
 """The numpy backend: an independent reference for emulated mode (numpy + ml_dtypes + scipy, CPU).
 
-Layer l (DESIGN §2), ``rnd`` = round-to-nearest-even into the format:
+Layer l (docs/definitions.md#the-chain-and-layer-numbering), ``rnd`` = round-to-nearest-even into the format:
 
     pre_l  = rnd(x_{l-1} @ W_l.T (+ b_l))
     h_l    = rnd(norm(pre_l))                                  (only with a norm)
