@@ -1,4 +1,4 @@
-"""Environment fingerprint: what a result depends on besides its spec (DESIGN §1, regression checks)."""
+"""Environment fingerprint: what a result depends on besides its spec (versions, hardware, numeric settings)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,15 @@ import os
 import platform
 import sys
 
-__all__ = ["fingerprint", "flush_denormal_enabled"]
+__all__ = ["fingerprint", "flush_denormal_enabled", "resolve_threads"]
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The torch threads a run uses: ``threads``, else OMP_NUM_THREADS if the user set it, else 1
+    (see ``runner.torch_threads``)."""
+    if threads is None:
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 1
+    return max(1, threads)
 
 
 def flush_denormal_enabled() -> bool:
@@ -30,8 +38,9 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def fingerprint() -> dict:
-    """Versions, hardware and numeric settings, as plain JSON values."""
+def fingerprint(threads: int | None = None) -> dict:
+    """Versions, hardware and numeric settings, as plain JSON values; ``torch_threads`` is the
+    count a run with ``threads`` uses (``resolve_threads``), not this process's current setting."""
     import ml_dtypes
     import numpy
     import torch
@@ -48,7 +57,7 @@ def fingerprint() -> dict:
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "ml_dtypes": ml_dtypes.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": resolve_threads(threads),
         "flush_denormal": flush_denormal_enabled(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),

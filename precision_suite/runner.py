@@ -11,6 +11,7 @@ import os
 import time
 from typing import Callable
 
+from .environment import fingerprint, resolve_threads
 from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
@@ -22,20 +23,15 @@ __all__ = ["run_matrix", "run_case", "check_devices", "check_memory", "estimate_
 
 
 def check_devices(devices) -> None:
-    """Raise SpecError naming the device that is not present here."""
-    import torch
-
+    """Raise SpecError naming a device that is not present here (the pytest plugin's skip reason;
+    a run skips such a device's cases instead, see ``engine.support``)."""
+    from .engine.support import device_absent
     from .spec import SpecError
 
     for dev in devices:
-        kind, _, index = dev.partition(":")
-        if kind == "cuda":
-            if not torch.cuda.is_available():
-                raise SpecError(f"device {dev!r} is not available here (torch.cuda.is_available() is False); valid: cpu")
-            if index and int(index) >= torch.cuda.device_count():
-                raise SpecError(f"device {dev!r} is not present; this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise SpecError(f"device {dev!r} is not available here; valid: cpu")
+        absent = device_absent(dev)
+        if absent:
+            raise SpecError(f"device {dev!r} is not available here ({absent}); valid: cpu")
 
 
 def _available_memory() -> int:
@@ -93,13 +89,6 @@ def exact_wide_matmuls():
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
-def resolve_threads(threads: int | None) -> int:
-    """``threads``, else OMP_NUM_THREADS if the user set it, else 1 (see ``torch_threads``)."""
-    if threads is None:
-        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 1
-    return max(1, threads)
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int | None):
     """Run with ``threads`` threads in torch and in the BLAS and OpenMP pools numpy and scipy
@@ -119,14 +108,6 @@ def torch_threads(threads: int | None):
             yield
     finally:
         torch.set_num_threads(saved)
-
-
-def _skip_reason(case: Case) -> str | None:
-    if case.backend == "numpy" and (case.device != "cpu" or case.mode != "emulated"):
-        return "the numpy backend runs on cpu in emulated mode only"
-    if case.device.startswith("mps") and case.format == "fp64":
-        return "mps has no fp64"
-    return None
 
 
 def estimated_seconds(case: Case, backward: bool) -> float:
@@ -179,21 +160,19 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     and the file is never half-written.
     """
     from .engine import split_units
-    from .environment import fingerprint
+    from .engine.support import skip_reason
     from .workers import run_units
 
     if cases is None:
         matrix = matrix if matrix is not None else Matrix.from_options(**axes)
         cases = matrix.cases()
-    check_devices(sorted({c.device for c in cases}))
-    with torch_threads(threads):  # the fingerprint records the thread count the run uses
-        env = fingerprint()
+    env = fingerprint(threads)
     finished: list[CaseResult] = []
     runnable = []
     for c in cases:
-        reason = _skip_reason(c)
+        reason = skip_reason(c)
         if reason:
-            finished.append(CaseResult(c, status="skipped", error=reason))
+            finished.append(CaseResult(c, status="skipped", skip_reason=reason))
         else:
             runnable.append(c)
 
