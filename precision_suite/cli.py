@@ -1,7 +1,8 @@
 """Command line: ``precision-suite run | report | merge | formats | env``.
 
-Exit codes: 0 ok, 1 a check failed (``--fail-on``), 2 usage or bad input (one line on stderr,
-nothing written), 130 interrupted (finished cases are kept in the JSON). ``--help`` imports no torch.
+Exit codes: 0 ok, 1 a check failed (``--fail-on``) or a case raised (every result is still
+written), 2 usage or bad input, or every case skipped (reasons on stderr, nothing written), 130
+interrupted (finished cases are kept in the JSON). ``--help`` imports no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ _LIST_AXES = ("inits", "activations", "formats", "devices", "modes", "backends",
               "depth", "width", "batch", "seed")
 
 
+_DESCRIPTION = ("Numerical-precision stress tests: chains of layers in fp32, fp16, bf16 and fp8, with\n"
+                "per-layer statistics, the layer where each chain overflows, underflows or dies, and an HTML report.")
+_EPILOG = """exit codes:
+  0    every case ran and no --fail-on check failed
+  1    a --fail-on check failed, or a case raised an error (all results are still written)
+  2    usage or bad input, or every case was skipped (nothing is written)
+  130  interrupted (finished cases are kept in the results JSON)
+
+definitions of every event and statistic: docs/definitions.md"""
+
+
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
@@ -29,12 +41,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="precision-suite", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="precision-suite", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a matrix of layer chains and write results.json (+ report.html)",
                          description="Run init x activation x format x device x mode chains; every axis is a "
-                                     "comma list (commas inside parentheses do not split).")
+                                     "comma list (commas inside parentheses do not split). A case that cannot run "
+                                     "here (no GPU, no kernel for the format) is skipped with the reason.")
     axes = run.add_argument_group("matrix axes (comma lists)")
     for name, example in (("inits", "kaiming_normal,normal(std=2.0)"), ("activations", "relu,gelu"),
                           ("formats", "fp16,bf16,fp8_e4m3fn"), ("devices", "cpu,cuda"),
@@ -42,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                           ("norms", "none,layernorm"), ("inputs", "normal,pixels,shifted(mean=1,std=0.1)"),
                           ("depth", "50,100"), ("width", "256"), ("batch", "64"), ("seed", "0,1")):
         axes.add_argument(f"--{name}", metavar="LIST", help=f"e.g. {example}")
-    opts = run.add_argument_group("options")
+    opts = run.add_argument_group("chain and run options")
     opts.add_argument("--residual", metavar="ALPHA", type=float, help="x_l = x_{l-1} + ALPHA * f(x_{l-1})")
     opts.add_argument("--bias", action="store_true", default=None, help="draw a zero-mean bias like the weights")
     opts.add_argument("--underflow-threshold", type=float, metavar="FRAC",
@@ -51,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--rel-error", action="store_true", default=None,
                       help="also run an fp64 shadow chain and record the relative RMS error per layer")
     opts.add_argument("--no-backward", action="store_true", default=None, help="forward pass only")
-    opts.add_argument("--fail-on", metavar="LIST", help=f"exit 1 if any case has one of: {', '.join(FAIL_ON_CHOICES)}")
+    opts.add_argument("--fail-on", metavar="LIST",
+                      help=f"exit 1 if any case has one of: {', '.join(FAIL_ON_CHOICES)} (grad_: the backward pass; "
+                           "a case that raised exits 1 whatever this says)")
     opts.add_argument("--out", metavar="DIR", help="output directory (default: reports)")
     opts.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
     opts.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
@@ -151,14 +167,14 @@ def _cmd_run(args) -> int:
     matrix_keys = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale"}
     try:
         matrix = Matrix.from_options(**{k: v for k, v in options.items() if k in matrix_keys})
-        from .runner import check_devices, check_memory
+        from .runner import check_memory
 
-        check_devices(matrix.devices)
         cases = matrix.cases()
         backward = not options.get("no_backward", False)
         check_memory(cases, backward)
     except SpecError as e:
         raise UsageError(str(e)) from None
+    _refuse_all_skipped(cases)
 
     from .progress import Progress
     from .runner import run_matrix
@@ -178,10 +194,30 @@ def _cmd_run(args) -> int:
     report = _write_report(results, html_path)
     if report:
         print(f"report:  {report}")
-    failed = failed_checks(results, fail_on)
+    errors = [r for r in results.cases if r.status == "error"]
+    for r in errors:  # always reported (and exit 1), so `--fail-on error` adds nothing here
+        print(f"ERROR {r.id}: {r.error}", file=sys.stderr)
+    failed = failed_checks(results, [item for item in fail_on if item != "error"])
     for line in failed:
         print(f"FAIL {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if errors or failed else 0
+
+
+def _refuse_all_skipped(cases) -> None:
+    """A run with nothing to run is bad input: say why, one line per distinct reason, before anything is written."""
+    from collections import Counter
+
+    from .engine.support import skip_reason
+
+    reasons = Counter()
+    for case in cases:
+        reason = skip_reason(case)
+        if reason is None:
+            return
+        reasons[reason] += 1
+    lines = [f"  {n} case{'s' * (n > 1)}: {reason}" for reason, n in reasons.items()]
+    raise UsageError("\n".join([f"every case is skipped here, nothing was run or written ({len(cases)} cases):",
+                                 *lines]))
 
 
 def _write_report(results, html_path: Path):

@@ -45,12 +45,22 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needl
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_cuda_is_a_usage_error(tmp_path, capsys):
+def test_env_reports_the_threads_a_run_uses(capsys, monkeypatch):
     torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: cuda is a valid device here")
-    assert main(["run", *TINY, "--devices", "cuda", "--out", str(tmp_path)]) == 2
-    assert "not available" in capsys.readouterr().err
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # this process's setting is not what runs use
+    assert main(["env"]) == 0
+    assert json.loads(capsys.readouterr().out)["torch_threads"] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert main(["env"]) == 0
+    assert json.loads(capsys.readouterr().out)["torch_threads"] == 3
+
+
+def test_top_level_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "exit codes:" in out and "docs/definitions.md" in out
 
 
 def test_fail_on_exits_1_naming_case_and_layer(tmp_path, capsys):
@@ -127,6 +137,7 @@ def test_runs_single_threaded_by_default_and_restore_the_setting(monkeypatch):
     run_matrix(inits="normal", activations="relu", formats="fp16", depth=[2], width=[8], batch=[2],
                on_result=lambda r: seen.append(torch.get_num_threads()))
     assert seen == [1] and torch.get_num_threads() == before
-    run_matrix(inits="normal", activations="relu", formats="fp16", depth=[2], width=[8], batch=[2], threads=2,
-               on_result=lambda r: seen.append(torch.get_num_threads()))
+    results = run_matrix(inits="normal", activations="relu", formats="fp16", depth=[2], width=[8], batch=[2],
+                         threads=2, on_result=lambda r: seen.append(torch.get_num_threads()))
     assert seen[-1] == 2 and torch.get_num_threads() == before
+    assert results.environments[0]["torch_threads"] == 2  # the fingerprint says what the run used
