@@ -24,7 +24,8 @@ import pytest
 from precision_suite import Matrix, Results, load_results, run_matrix
 from precision_suite.cli import main
 from precision_suite.report import render_report, write_report
-from precision_suite.summary import describe_failure
+from precision_suite.stats import Events
+from precision_suite.summary import describe_case_failure, describe_failure
 
 HOSTILE = '<script>alert("pwned")</script>\'"&amp;'
 FINFO = {"fp16": np.finfo(np.float16), "bf16": ml_dtypes.finfo(ml_dtypes.bfloat16)}
@@ -38,7 +39,22 @@ def results() -> Results:
     res = run_matrix(matrix)
     kinds = {r.forward.events.failure and r.forward.events.failure["kind"] for r in res.cases}
     assert {None, "overflow", "underflow"} <= kinds, "the fixture run no longer shows every outcome"
+    assert any(r.failure is None for r in res.cases), "the fixture run no longer has a case surviving both ways"
     return res
+
+
+GREEN = "hsl(130, 50%, 80%)"  # survives the depth
+
+
+def _gradients_fail(results: Results) -> tuple[Results, str]:
+    """The results with one both-ways survivor's gradients turned NaN from the top layer down."""
+    i = next(i for i, r in enumerate(results.cases) if r.failure is None)
+    r = results.cases[i]
+    d = r.case.depth
+    nan = Events(first_nan=d, failure={"layer": d, "kind": "nan"})
+    cases = list(results.cases)
+    cases[i] = replace(r, backward=replace(r.backward, events=nan))
+    return replace(results, cases=tuple(cases)), r.id
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +145,19 @@ def test_heatmap_lists_every_case_with_its_failure_layer(results, page):
     assert set(cells) == {r.id for r in results.cases}
     for r in results.cases:
         lines = _cell_lines(cells[r.id])
-        assert lines[0] == describe_failure(r.forward.events, r.case.depth)
-        failure = r.forward.events.failure
+        assert lines[0] == describe_case_failure(r)
+        failure = r.failure
         if failure:
             assert lines[0].endswith(f"@ {failure['layer']}") and failure["kind"] in lines[0]
+            assert lines[0].startswith("∇ ") == (failure["direction"] == "backward")
+            assert GREEN not in cells[r.id].attrs["style"]
         else:
-            assert lines[0] == f"survived {r.case.depth}"
+            assert lines[0] == f"survived {r.case.depth}" and GREEN in cells[r.id].attrs["style"]
         assert lines[1] == "theory: " + _predicted(r.theory)
-        assert lines[2] == "∇ " + describe_failure(r.backward.events, r.case.depth)
+        if failure and failure["direction"] == "backward":
+            assert lines[2] == "fwd " + describe_failure(r.forward.events, r.case.depth)
+        else:
+            assert lines[2] == "∇ " + describe_failure(r.backward.events, r.case.depth)
         assert next(cells[r.id].find_all("a")).attrs["href"] == "#" + next(
             d for d in dom.find_all("details", cls="case") if d.attrs["data-id"] == r.id).attrs["id"]
     titles = [h.all_text() for h in dom.find_all("h2")]
@@ -145,16 +166,30 @@ def test_heatmap_lists_every_case_with_its_failure_layer(results, page):
     assert columns.count("fp16") == 2 and columns.count("bf16") == 2
 
 
+def test_a_case_whose_gradients_fail_is_not_green(results):
+    res, case_id = _gradients_fail(results)
+    dom = _dom(render_report(res))
+    cell = next(c for c in dom.find_all("td", cls="cell") if c.attrs.get("data-id") == case_id)
+    depth = res.by_id()[case_id].case.depth
+    assert _cell_lines(cell)[0] == f"∇ nan @ {depth}" and cell.attrs["data-direction"] == "backward"
+    assert cell.attrs["style"] == "background: hsl(4, 85%, 68%)"  # survived depth - depth = 0 layers: red
+    header = next(dom.find_all("p", cls="meta")).all_text()
+    n_fail = sum(r.failure is not None for r in res.cases)
+    assert f"{n_fail} fail" in header and "backward first" in header
+
+
 def test_verdict_per_format_counts_the_failures(results, page):
     dom = _dom(page)
     verdicts = {li.all_text().split(":")[0]: li.all_text() for ul in dom.find_all("ul", cls="verdicts")
                 for li in ul.find_all("li")}
     for fmt in ("fp16", "bf16"):
         cases = [r for r in results.cases if r.case.format == fmt]
-        failing = sum(r.forward.events.failure is not None for r in cases)
+        failing = sum(r.failure is not None for r in cases)
         expected = f"{failing} of {len(cases)} cases fail" if failing else f"all {len(cases)} cases survive"
         assert expected in verdicts[fmt]
-    assert "kaiming_normal" in verdicts["fp16"]  # survives every activation
+    survivors = {r.case.init for r in results.cases if r.case.format == "fp16"} - {
+        r.case.init for r in results.cases if r.case.format == "fp16" and r.failure is not None}
+    assert all(init in verdicts["fp16"].split("Survive every")[-1] for init in survivors)
 
 
 def test_every_case_has_a_section_with_its_events_and_charts(results, page):
@@ -176,6 +211,8 @@ def test_every_case_has_a_section_with_its_events_and_charts(results, page):
         first = r.forward.events.first_overflow
         assert rows["overflow"][0] == ("—" if first is None else str(first))
         # the chart data is the case's own numbers, as log2 |value|; x = 0 is the input
+        if r.forward.post.get("flush_frac") is not None:  # flushed beside underflow, subnormal, zero
+            assert {"post.underflow", "post.flushed", "post.subnormal", "post.zero"} <= set(blob["cases"][i]["ff"])
         post_rms = blob["cases"][i]["f"]["post.rms"]
         assert len(post_rms) == r.case.depth + 1
         finite = np.isfinite(r.forward.post["rms"]) & (r.forward.post["rms"] > 0)
@@ -224,7 +261,7 @@ def test_comparison_plot_per_activation_and_format_holds_every_init(results, pag
         members = [results.cases[i] for i in cmp["cases"]]
         assert {r.case.format for r in members} == {cmp["format"]}
         assert len({r.case.activation for r in members}) == 1
-        assert cmp["labels"] == [f"{r.case.init} · {describe_failure(r.forward.events, r.case.depth)}" for r in members]
+        assert cmp["labels"] == [f"{r.case.init} · {describe_case_failure(r)}" for r in members]
     assert len(blob["comparisons"]) == 4  # 2 activations x 2 formats
 
 
@@ -314,24 +351,49 @@ def _moved(results: Results, index: int, layer: int) -> Results:
     r = cases[index]
     events = replace(r.forward.events, first_overflow=layer, failure={"layer": layer, "kind": "overflow"})
     cases[index] = replace(r, forward=replace(r.forward, events=events))
-    return replace(results, cases=tuple(cases), environment={**results.environment, "torch": "0.0-old"})
+    return replace(results, cases=tuple(cases), environments=({**results.environment, "torch": "0.0-old"},))
 
 
 def test_baseline_diff_lists_moved_cases(results):
-    survivor = next(i for i, r in enumerate(results.cases) if r.forward.events.failure is None)
+    survivor = next(i for i, r in enumerate(results.cases) if r.failure is None)
     baseline = _moved(results, survivor, 3)
     dom = _dom(render_report(results, baseline=baseline))
     section = next(dom.find_all("section", id="baseline"))
     rows = [[td.all_text() for td in tr.find_all("td")] for tr in next(section.find_all("table", cls="diff")).find_all("tr")]
     rows = [r for r in rows if r]
     case_id = results.cases[survivor].id
-    assert [case_id, "forward", "failure", "overflow @ 3", "none", ""] in rows
-    assert [case_id, "forward", "overflow", "3", "—", ""] in rows
+    assert [case_id, "forward", "failure", "overflow @ 3", "none", "", "moved"] in rows
+    assert [case_id, "forward", "overflow", "3", "—", "", "moved"] in rows
     assert {r[0] for r in rows} == {case_id}
     assert "torch" in section.all_text() and "0.0-old" in section.all_text()
     same = next(_dom(render_report(results, baseline=results)).find_all("section", id="baseline")).all_text()
     assert "no event moved" in same and "identical" in same
     assert not list(_dom(render_report(results)).find_all("section", id="baseline"))
+
+
+def test_baseline_warnings_are_shown_not_judged(results):
+    cases = list(results.cases)
+    r = cases[0]
+    cases[0] = replace(r, forward=replace(r.forward, events=replace(r.forward.events, first_subnormal=1)))
+    section = next(_dom(render_report(results, baseline=replace(results, cases=tuple(cases)))).find_all(
+        "section", id="baseline"))
+    rows = [[td.all_text() for td in tr.find_all("td")] for tr in next(section.find_all("table", cls="diff")).find_all("tr")]
+    assert [r.id, "forward", "subnormal ≥ threshold", "1", _event(r.forward.events.first_subnormal), "",
+            "warning, not judged"] in rows
+    assert "no event moved" in section.all_text()
+
+
+def _event(layer) -> str:
+    return "—" if layer is None else str(layer)
+
+
+def test_skipped_case_shows_its_reason(results):
+    cases = list(results.cases)
+    cases[2] = replace(cases[2], status="skipped", skip_reason="device 'cuda' is not available here",
+                       forward=None, backward=None)
+    dom = _dom(render_report(replace(results, cases=tuple(cases))))
+    section = next(d for d in dom.find_all("details", cls="case") if d.attrs["data-id"] == cases[2].id)
+    assert "Skipped: device 'cuda' is not available here." in section.all_text()
 
 
 # ---------------------------------------------------------------- CLI and writing

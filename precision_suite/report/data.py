@@ -4,6 +4,9 @@ Two parts, like pytest-html's ``report_data``: ``view`` (plain dicts, lists, str
 jinja2 template renders, every string escaped there) and ``charts`` (one blob of per-layer series,
 inlined into the page as escaped JSON for the vendored chart library). Charts plot log2 |value|:
 one unit is one binade, so the distance to a format's band is headroom in bits.
+
+Labels and layout only: what fails, what theory predicts and what moved against a baseline are
+``verdicts``' decisions.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from ..formats import FORMATS, get_format
 from ..results import CaseResult, Results
 from ..spec import Case
 from ..stats import EVENT_NAMES
-from ..summary import describe_failure
+from ..summary import describe_case_failure, describe_failure
+from ..verdicts import (TheoryVerdict, backend_disagreements, compare_results, count_cases, layers_survived,
+                        theory_verdict)
 
-__all__ = ["diff_results", "headroom", "report_data", "theory_prediction"]
+__all__ = ["diff_results", "headroom", "report_data"]
 
 # spec fields that pick a heatmap column (the rest, except init, pick the heatmap's group)
 _COLUMN_AXES = ("format", "device", "mode", "backend")
@@ -32,13 +37,12 @@ _EVENT_LABELS = {
     "first_underflow": "underflow ≥ threshold", "first_underflow_any": "first underflowed element",
     "first_subnormal": "subnormal ≥ threshold",
 }
-_THEORY_EVENTS = (("overflow", "first_overflow"), ("zero", "first_zero"), ("underflow", "first_underflow"))
 _KIND_LABEL = {"overflow": "overflow", "nan": "NaN", "zero": "dead", "underflow": "underflow"}
 # per-layer statistics drawn on the range charts, and the fractions drawn under them
 _RANGE_STATS = ("rms", "amax", "amin_nonzero")
-_FRACTION_STATS = ("underflow_frac", "subnormal_frac", "zero_frac")
+_FRACTION_STATS = ("underflow_frac", "flush_frac", "subnormal_frac", "zero_frac")
 _SHORT_STAT = {"rms": "rms", "amax": "amax", "amin_nonzero": "amin", "underflow_frac": "underflow",
-               "subnormal_frac": "subnormal", "zero_frac": "zero"}
+               "flush_frac": "flushed", "subnormal_frac": "subnormal", "zero_frac": "zero"}
 _LOSS_SCALE_KEYS = (("max_safe_scale", "largest safe scale"), ("min_useful_scale", "smallest useful scale"),
                     ("recommended", "recommended"), ("gradscaler_backoffs", "GradScaler back-offs from 2^16"))
 
@@ -127,35 +131,11 @@ def _format_view(name: str) -> dict:
 
 # ---------------------------------------------------------------- theory, headroom, loss scale
 
-def theory_prediction(theory: dict | None, key: str = "forward") -> dict:
-    """What theory says about one pass: ``{"status": "prediction"|"not applicable"|"none", ...}``.
-
-    ``theory`` is the case's theory block; its top level is the forward prediction and
-    ``theory["backward"]`` (when there) the backward one. Inside an applicable block a null event
-    means "predicted never within depth".
-    """
-    if not theory:
-        return {"status": "none", "text": "no prediction", "reason": "these results carry no theory block"}
-    if not theory.get("applicable", False):
-        reason = theory.get("reason") or "theory does not apply to this case"
-        return {"status": "not applicable", "text": "no prediction", "reason": reason}
-    block = theory if key == "forward" else theory.get("backward")
-    if not isinstance(block, dict):
-        return {"status": "none", "text": "no prediction", "reason": f"theory has no {key} prediction"}
-    if not block.get("applicable", True):
-        return {"status": "not applicable", "text": "no prediction",
-                "reason": block.get("reason") or f"theory does not apply to this case's {key} pass"}
-    events = {name: block.get(name) for _, name in _THEORY_EVENTS}
-    found = [(layer, rank, kind) for rank, (kind, name) in enumerate(_THEORY_EVENTS)
-             if isinstance((layer := events[name]), (int, float)) and math.isfinite(layer)]
-    if not found:
-        return {"status": "prediction", "text": "survives", "layer": None, "kind": None, "events": events,
-                "reason": None}
-    pick = max if key == "backward" else min  # backward events count from the top layer down
-    layer = pick(f[0] for f in found)
-    kind = min((f for f in found if f[0] == layer), key=lambda f: f[1])[2]
-    return {"status": "prediction", "text": f"{_KIND_LABEL[kind]} @ {int(layer)}", "layer": int(layer), "kind": kind,
-            "events": events, "reason": None}
+def _theory_text(th: TheoryVerdict) -> str:
+    """``overflow @ 7``, ``survives`` or ``no prediction``."""
+    if th.status != "prediction":
+        return "no prediction"
+    return "survives" if th.layer is None else f"{_KIND_LABEL[th.kind]} @ {th.layer}"
 
 
 def headroom(tensors: dict, fmt_name: str) -> dict:
@@ -227,7 +207,7 @@ def _event_text(layer) -> str:
     return "—" if layer is None else str(layer)
 
 
-def _events_rows(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> list:
+def _events_rows(r: CaseResult, fwd_theory: TheoryVerdict, bwd_theory: TheoryVerdict) -> list:
     """Rows (event, forward, theory forward, backward, theory backward) for the case's events table."""
     rows = []
     fe = r.forward.events
@@ -236,10 +216,10 @@ def _events_rows(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> list:
         row = {"event": _EVENT_LABELS[name], "forward": _event_text(getattr(fe, name)),
                "backward": "n/a" if be is None else _event_text(getattr(be, name))}
         for col, th in (("theory_forward", fwd_theory), ("theory_backward", bwd_theory)):
-            if th["status"] != "prediction" or name not in th["events"]:
+            if th.status != "prediction" or name not in th.events:
                 row[col] = ""
             else:
-                v = th["events"][name]
+                v = th.events[name]
                 row[col] = "never" if v is None else str(int(v))
         rows.append(row)
     return rows
@@ -275,7 +255,7 @@ def _theory_curves(block, of: str) -> dict:
             if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v)}
 
 
-def _case_charts(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> dict:
+def _case_charts(r: CaseResult, fwd_theory: TheoryVerdict, bwd_theory: TheoryVerdict) -> dict:
     """The per-layer series of one case. Forward series have depth + 1 points: x = 0 is the input."""
     c = r.case
     out = {"id": r.id, "fmt": c.format, "depth": c.depth, "thr": c.underflow_threshold}
@@ -288,8 +268,8 @@ def _case_charts(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> dict:
     if r.forward.events.failure:
         markers.append({"x": r.forward.events.failure["layer"], "label": _KIND_LABEL[r.forward.events.failure["kind"]],
                         "kind": "measured"})
-    if fwd_theory["status"] == "prediction" and fwd_theory["layer"] is not None:
-        markers.append({"x": fwd_theory["layer"], "label": "theory " + _KIND_LABEL[fwd_theory["kind"]], "kind": "theory"})
+    if fwd_theory.layer is not None:
+        markers.append({"x": fwd_theory.layer, "label": "theory " + _KIND_LABEL[fwd_theory.kind], "kind": "theory"})
     out["fm"] = markers
     if r.theory and r.theory.get("applicable"):
         out["ft"] = _theory_curves(r.theory, "pre")
@@ -301,9 +281,8 @@ def _case_charts(r: CaseResult, fwd_theory: dict, bwd_theory: dict) -> dict:
         if r.backward.events.failure:
             markers.append({"x": r.backward.events.failure["layer"],
                             "label": _KIND_LABEL[r.backward.events.failure["kind"]], "kind": "measured"})
-        if bwd_theory["status"] == "prediction" and bwd_theory["layer"] is not None:
-            markers.append({"x": bwd_theory["layer"], "label": "theory " + _KIND_LABEL[bwd_theory["kind"]],
-                            "kind": "theory"})
+        if bwd_theory.layer is not None:
+            markers.append({"x": bwd_theory.layer, "label": "theory " + _KIND_LABEL[bwd_theory.kind], "kind": "theory"})
         out["bm"] = markers
         if r.theory and r.theory.get("applicable"):
             out["bt"] = _theory_curves(r.theory.get("backward"), "grad pre")
@@ -321,17 +300,10 @@ def _spec_rows(c: Case) -> list:
     return rows
 
 
-def _survived(r: CaseResult) -> int | None:
-    """Layers passed intact: failure layer - 1, or the depth when nothing failed."""
-    if r.status != "ok" or r.forward is None:
-        return None
-    f = r.forward.events.failure
-    return r.case.depth if f is None else f["layer"] - 1
-
-
 def _cell_colour(r: CaseResult) -> str:
-    """Background by depth survived: red (dies at once) through amber to green (survives the depth)."""
-    s = _survived(r)
+    """Background by depth survived in either direction (``verdicts.layers_survived``): red (dies at
+    once) through amber to green (survives the depth)."""
+    s = layers_survived(r)
     if s is None:
         return "hsl(0, 0%, 85%)"
     if s >= r.case.depth:
@@ -342,16 +314,19 @@ def _cell_colour(r: CaseResult) -> str:
 
 def _case_view(index: int, r: CaseResult) -> dict:
     c = r.case
-    fwd_theory = theory_prediction(r.theory, "forward")
-    bwd_theory = theory_prediction(r.theory, "backward")
+    fwd_theory = theory_verdict(r.theory, "forward")
+    bwd_theory = theory_verdict(r.theory, "backward")
     v = {"index": index, "id": r.id, "anchor": _anchor(r.id), "status": r.status, "error": r.error,
-         "seconds": f"{r.seconds:.2f}", "spec": _spec_rows(c), "format": _format_view(c.format),
-         "theory": fwd_theory, "theory_backward": bwd_theory, "depth": c.depth}
+         "skip_reason": r.skip_reason, "seconds": f"{r.seconds:.2f}", "spec": _spec_rows(c),
+         "format": _format_view(c.format), "theory": _theory_view(fwd_theory), "theory_backward": _theory_view(bwd_theory),
+         "depth": c.depth}
     if r.status != "ok" or r.forward is None:
-        v.update(forward_text=r.status, backward_text="", failing=True, has_backward=False)
+        v.update(failure_text=r.status, forward_text="", backward_text="", failing=r.status == "error",
+                 has_backward=False)
         return v
+    v["failure_text"] = describe_case_failure(r)
     v["forward_text"] = describe_failure(r.forward.events, c.depth)
-    v["failing"] = r.forward.events.failure is not None
+    v["failing"] = r.failure is not None
     v["has_backward"] = r.backward is not None
     v["backward_text"] = describe_failure(r.backward.events, c.depth) if r.backward else ""
     v["events"] = _events_rows(r, fwd_theory, bwd_theory)
@@ -393,28 +368,34 @@ def _axis_label(axis: str, value) -> str:
     return str(value)
 
 
-def _cell(index: int, r: CaseResult) -> dict:
-    th = theory_prediction(r.theory, "forward")
+def _theory_view(th: TheoryVerdict) -> dict:
+    return {"status": th.status, "text": _theory_text(th), "reason": th.reason}
+
+
+def _cell(index: int, r: CaseResult, disagrees: str | None) -> dict:
+    """Line 1: the case failure (``∇`` when the gradients failed first); line 2: theory's forward
+    prediction; line 3: the other pass (``fwd ...`` under a backward failure, ``∇ ...`` otherwise)."""
+    th = theory_verdict(r.theory, "forward")
+    f = r.failure
     if r.status != "ok" or r.forward is None:
-        label = r.status
-        grad = ""
-        kind = r.status
+        label, other, kind = r.status, "", r.status
     else:
-        label = describe_failure(r.forward.events, r.case.depth)
-        kind = r.forward.events.failure["kind"] if r.forward.events.failure else "survived"
-        grad = ("∇ " + describe_failure(r.backward.events, r.case.depth)) if r.backward else ""
+        label, kind = describe_case_failure(r), f["kind"] if f else "survived"
+        if f and f["direction"] == "backward":
+            other = "fwd " + describe_failure(r.forward.events, r.case.depth)
+        else:
+            other = ("∇ " + describe_failure(r.backward.events, r.case.depth)) if r.backward else ""
     return {"index": index, "id": r.id, "anchor": _anchor(r.id), "label": label, "kind": kind,
-            "layer": r.forward.events.failure["layer"] if r.status == "ok" and r.forward and r.forward.events.failure else None,
-            "theory": th["text"] if th["status"] == "prediction" else "no prediction",
-            "theory_title": th.get("reason") or "", "grad": grad, "colour": _cell_colour(r),
-            "error": r.error or "", "survived": _survived(r)}
+            "direction": f["direction"] if f else None, "theory": _theory_text(th), "theory_title": th.reason or "",
+            "other": other, "colour": _cell_colour(r), "error": r.error or r.skip_reason or "",
+            "survived": layers_survived(r), "disagrees": disagrees}
 
 
 def _column_verdict(col_label: str, cells: list) -> str:
     """``in fp16, 3 of 8 inits die before layer 100: normal (overflow @ 4), ...; 5 survive``."""
     ran = [(init, c) for init, c in cells if c is not None and c["kind"] not in ("error", "skipped")]
     errors = [(init, c) for init, c in cells if c is not None and c["kind"] in ("error", "skipped")]
-    dead = sorted(((init, c) for init, c in ran if c["layer"] is not None), key=lambda t: t[1]["layer"])
+    dead = sorted(((init, c) for init, c in ran if c["kind"] != "survived"), key=lambda t: t[1]["survived"])
     parts = []
     if ran:
         if dead:
@@ -431,34 +412,37 @@ def _column_verdict(col_label: str, cells: list) -> str:
 
 
 def _format_verdicts(results: Results, cases_by_fmt: dict) -> list:
+    """Per format: how many cases fail (either direction), by kind, with the one that survived fewest layers."""
     out = []
     for fmt in sorted(cases_by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99)):
         cases = cases_by_fmt[fmt]
         ran = [r for r in cases if r.status == "ok" and r.forward is not None]
         not_run = len(cases) - len(ran)
-        failing = [r for r in ran if r.forward.events.failure]
+        failing = [r for r in ran if r.failure]
         depths = sorted({r.case.depth for r in ran})
         within = f"depth {depths[0]}" if len(depths) == 1 else "their depth"
         if not ran:
             sentence = f"no {fmt} case ran ({not_run} errors or skips)."
         elif not failing:
-            sentence = f"all {len(ran)} cases survive to {within}."
+            sentence = f"all {len(ran)} cases survive to {within}, forward and backward."
         else:
+            n = count_cases(failing)
             by_kind = defaultdict(list)
             for r in failing:
-                by_kind[r.forward.events.failure["kind"]].append(r)
+                by_kind[r.failure["kind"]].append(r)
             kinds = []
             for kind in ("overflow", "nan", "zero", "underflow"):
                 rs = by_kind.get(kind)
                 if not rs:
                     continue
-                first = min(rs, key=lambda r: r.forward.events.failure["layer"])
-                kinds.append(f"{len(rs)} {_KIND_LABEL[kind]} (earliest: {first.case.activation} · {first.case.init} "
-                             f"@ {first.forward.events.failure['layer']})")
-            sentence = f"{len(failing)} of {len(ran)} cases fail within {within}: " + ", ".join(kinds) + "."
+                first = min(rs, key=layers_survived)
+                kinds.append(f"{len(rs)} {_KIND_LABEL[kind]} (fewest layers survived: {first.case.activation} · "
+                             f"{first.case.init}, {describe_case_failure(first)})")
+            sentence = (f"{len(failing)} of {len(ran)} cases fail within {within} ({n.forward} forward, "
+                        f"{n.backward} backward first): " + ", ".join(kinds) + ".")
             inits = defaultdict(list)
             for r in ran:
-                inits[r.case.init].append(r.forward.events.failure is None)
+                inits[r.case.init].append(r.failure is None)
             safe = [i for i, ok in inits.items() if all(ok)]
             others = {tuple(getattr(r.case, a) for a in _GROUP_AXES[1:] + _COLUMN_AXES[1:]) for r in ran}
             setting = "activation" if len(others) == 1 else "setting"
@@ -474,6 +458,8 @@ def _format_verdicts(results: Results, cases_by_fmt: dict) -> list:
 
 def _groups(results: Results, case_index: dict) -> list:
     cases = list(results.cases)
+    disagree = backend_disagreements(cases)
+    backend = {r.id: r.case.backend for r in cases}
     group_axes = [a for a in _GROUP_AXES if a == "activation" or len({getattr(r.case, a) for r in cases}) > 1
                   or (a in ("norm", "residual", "input", "bias") and any(
                       getattr(r.case, a) != getattr(Case(), a) for r in cases))]
@@ -494,7 +480,7 @@ def _groups(results: Results, case_index: dict) -> list:
         rows = []
         for init in inits:
             rows.append({"init": init, "cells": [
-                _cell(case_index[id(table[(init, ck)])], table[(init, ck)]) if (init, ck) in table else None
+                _cell(case_index[id(r)], r, backend.get(disagree.get(r.id))) if (r := table.get((init, ck))) else None
                 for ck in cols]})
         columns, verdicts, comparisons = [], [], []
         for ci, (ckey, label) in enumerate(cols.items()):
@@ -514,55 +500,40 @@ def _groups(results: Results, case_index: dict) -> list:
 # ---------------------------------------------------------------- baseline diff
 
 def diff_results(current: Results, baseline: Results) -> dict:
-    """Cases (matched by id) whose events or status moved between ``baseline`` and ``current``.
-
-    Every event of both passes is compared exactly (a layer number or never); the environment
-    keys whose values differ are listed too, since they are usually why something moved.
-    """
-    base = baseline.by_id()
-    cur = current.by_id()
-    moved = []
-    status_changed = []
-    shared = [i for i in cur if i in base]
-    for cid in shared:
-        a, b = base[cid], cur[cid]
-        if a.status != b.status:
-            status_changed.append({"id": cid, "anchor": _anchor(cid), "before": a.status, "after": b.status,
-                                   "error": b.error or a.error or ""})
-            continue
-        if a.status != "ok":
-            continue
-        for pass_name, ea, eb in (("forward", a.forward and a.forward.events, b.forward and b.forward.events),
-                                  ("backward", a.backward and a.backward.events, b.backward and b.backward.events)):
-            if ea is None or eb is None:
-                if (ea is None) != (eb is None):
-                    moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": "recorded",
-                                  "before": "yes" if ea else "no", "after": "yes" if eb else "no", "delta": ""})
-                continue
-            fa = ea.failure and f"{_KIND_LABEL[ea.failure['kind']]} @ {ea.failure['layer']}"
-            fb = eb.failure and f"{_KIND_LABEL[eb.failure['kind']]} @ {eb.failure['layer']}"
-            if fa != fb:
-                moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": "failure",
-                              "before": fa or "none", "after": fb or "none",
-                              "delta": _delta(ea.failure and ea.failure["layer"], eb.failure and eb.failure["layer"])})
-            for name in EVENT_NAMES:
-                la, lb = getattr(ea, name), getattr(eb, name)
-                if la != lb:
-                    moved.append({"id": cid, "anchor": _anchor(cid), "pass": pass_name, "event": _EVENT_LABELS[name],
-                                  "before": _event_text(la), "after": _event_text(lb), "delta": _delta(la, lb)})
+    """``verdicts.compare_results`` as rows: events that moved (judged, or warnings shown only),
+    status changes, cases only in one run, and the environment keys whose values differ (usually
+    why something moved)."""
+    moves = compare_results(current.cases, baseline)
+    base, cur = baseline.by_id(), current.by_id()
+    moved = [{"id": m.case_id, "anchor": _anchor(m.case_id), "pass": m.direction, "event": _moved_label(m.event),
+              "before": _moved_value(m.event, m.before), "after": _moved_value(m.event, m.after),
+              "delta": "" if m.delta is None else f"{m.delta:+d}", "judged": m.judged,
+              "verdict": "moved" if m.judged else "warning, not judged"}
+             for m in moves if m.direction is not None]
+    status_changed = [{"id": m.case_id, "anchor": _anchor(m.case_id), "before": m.before, "after": m.after,
+                       "judged": m.judged, "error": cur[m.case_id].error or base[m.case_id].error or ""}
+                      for m in moves if m.event == "status"]
     env_a, env_b = _flatten(baseline.environment), _flatten(current.environment)
     env_changes = [{"key": k, "before": env_a.get(k, "—"), "after": env_b.get(k, "—")}
                    for k in sorted(set(env_a) | set(env_b)) if env_a.get(k) != env_b.get(k)]
-    return {"shared": len(shared), "moved": moved, "moved_cases": len({m["id"] for m in moved}),
+    return {"shared": sum(i in base for i in cur), "moved": moved,
+            "moved_cases": len({m.case_id for m in moves if m.judged and m.direction is not None}),
+            "regressions": sum(m.judged for m in moves),
             "status_changed": status_changed, "only_current": [i for i in cur if i not in base],
-            "only_baseline": [i for i in base if i not in cur], "env_changes": env_changes,
+            "only_baseline": [m.case_id for m in moves if m.event == "missing"], "env_changes": env_changes,
             "created": baseline.created, "tool_version": baseline.tool_version}
 
 
-def _delta(a, b) -> str:
-    if a is None or b is None:
-        return ""
-    return f"{b - a:+d}"
+def _moved_label(event: str) -> str:
+    return {"failure": "failure", "recorded": "pass recorded"}.get(event) or _EVENT_LABELS[event]
+
+
+def _moved_value(event: str, value) -> str:
+    if event == "recorded":
+        return "yes" if value else "no"
+    if event == "failure":
+        return "none" if value is None else f"{_KIND_LABEL[value['kind']]} @ {value['layer']}"
+    return _event_text(value)
 
 
 def _flatten(env: dict, prefix: str = "") -> dict:
@@ -576,6 +547,13 @@ def _flatten(env: dict, prefix: str = "") -> dict:
     return out
 
 
+def _environment_rows(environments: tuple) -> list:
+    """(key, value) rows; with several environments (merged shards) each key is prefixed ``[i]``."""
+    if len(environments) == 1:
+        return sorted(_flatten(environments[0]).items())
+    return [(f"[{i}] {k}", v) for i, env in enumerate(environments) for k, v in sorted(_flatten(env).items())]
+
+
 # ---------------------------------------------------------------- entry point
 
 def report_data(results: Results, baseline: Results | None = None) -> dict:
@@ -585,8 +563,7 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
     by_fmt = defaultdict(list)
     for r in cases:
         by_fmt[r.case.format].append(r)
-    counts = {s: sum(r.status == s for r in cases) for s in ("ok", "error", "skipped")}
-    failing = sum(r.status == "ok" and r.forward is not None and r.forward.events.failure is not None for r in cases)
+    counts = count_cases(cases)
     axes = []
     for axis in ("init", "activation", "format", "device", "mode", "backend", "norm", "input", "width", "depth",
                  "batch", "seed"):
@@ -599,13 +576,13 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
         cmp["index"] = i
     view = {
         "created": results.created, "tool_version": results.tool_version, "n_cases": len(cases), "counts": counts,
-        "failing": failing, "axes": axes, "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
-        "cases": case_views, "environment": sorted(_flatten(results.environment).items()),
+        "definitions": sorted(results.definitions.items()), "axes": axes, "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
+        "cases": case_views, "environment": _environment_rows(results.environments),
         "formats": [_format_view(n) for n in sorted(by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99))],
         "baseline": None if baseline is None else diff_results(results, baseline),
     }
     charts = {"formats": {n: _format_view(n) for n in by_fmt},
-              "cases": [_case_charts(r, theory_prediction(r.theory, "forward"), theory_prediction(r.theory, "backward"))
+              "cases": [_case_charts(r, theory_verdict(r.theory, "forward"), theory_verdict(r.theory, "backward"))
                         for r in cases],
               "comparisons": [{k: cmp[k] for k in ("title", "format", "cases", "labels")} for cmp in comparisons]}
     return {"view": view, "charts": _plain(charts)}

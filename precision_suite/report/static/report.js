@@ -7,7 +7,7 @@
   var TENSOR_COLOURS = {pre: "#1f77b4", post: "#e8710a", grad: "#2a9d3a", grad_pre: "#8e44ad", wgrad: "#8c564b"};
   var STAT_STYLE = {rms: {width: 2}, amax: {width: 1.5, dash: [7, 3]}, amin: {width: 1.2, dash: [2, 3]}};
   var STAT_LABEL = {rms: "rms", amax: "max |x|", amin: "min |x|≠0"};
-  var FRACTION_COLOURS = {underflow: "#d62728", subnormal: "#d99a00", zero: "#444444"};
+  var FRACTION_COLOURS = {underflow: "#d62728", flushed: "#e377c2", subnormal: "#d99a00", zero: "#444444"};
   var PALETTE = ["#1f77b4", "#e8710a", "#2a9d3a", "#d62728", "#8e44ad", "#8c564b", "#e377c2", "#7f7f7f",
                  "#17becf", "#bcbd22", "#393b79", "#ad494a"];
   var charts = [];
