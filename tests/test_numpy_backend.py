@@ -91,14 +91,17 @@ def test_e4m3fn_overflow_is_nan_above_the_tie():
 
 def test_float64_rounding_is_single():
     bf16 = get_format("bf16")
-    x = np.array([1 + 2.0**-8 + 2.0**-30])  # ml_dtypes' own cast rounds twice and gives 1.0
+    x = np.array([1 + 2.0**-8 + 2.0**-30])  # double rounding via fp32 (ml_dtypes 0.4's own cast) gives 1.0
     assert _round(x, bf16)[0] == 1.0078125
 
 
 def test_reductions_run_in_float64():
+    """4096 ones: a sum accumulated in bf16 stalls at 256 (256 + 1 rounds back to 256). numpy's sum
+    of a bf16 array does that with numpy 1.24-2.4 and ml_dtypes 0.4-0.7; whether a later one still
+    does is that library's business, so it is not asserted here: the project's statistics are."""
     bf16 = get_format("bf16")
+    assert _round(np.array([256.0 + 1.0]), bf16)[0] == 256.0  # the trap is real: bf16 accumulation stalls
     ones = np.ones(4096, dtype=ml_dtypes.bfloat16)
-    assert float(ones.sum()) == 256.0  # the trap: ml_dtypes accumulates in bf16
     st = tensor_stats(ones, ones, bf16)
     assert st[S["mean"]] == 1.0 and st[S["rms"]] == 1.0 and st[S["std"]] == 0.0
 
