@@ -20,6 +20,11 @@ def test_run_writes_json_and_prints_summary(tmp_path, capsys):
     for case in data["cases"]:
         assert case["id"] in out
     assert "identity-normal-fp16-cpu-emulated-torch-w16-d6-b4-s0" in out
+    footer = next(line for line in out.splitlines() if line.startswith("8 cases:"))
+    failing = [c for c in data["cases"] if c["failure"]]
+    backward = sum(c["failure"]["direction"] == "backward" for c in failing)
+    assert footer == (f"8 cases: 8 ran, {len(failing)} fail ({len(failing) - backward} forward, {backward} backward "
+                      "first), 0 errors, 0 skipped")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -69,6 +74,8 @@ def test_fail_on_exits_1_naming_case_and_layer(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "identity-normal-fp16" in err and "overflow at layer" in err
+    assert main(["run", "--inits", "kaiming_normal", "--activations", "relu", "--formats", "fp32", "--depth", "4",
+                 "--width", "16", "--batch", "4", "--fail-on", "overflow,grad_nan,error", "--out", str(tmp_path)]) == 0
 
 
 def test_config_file_and_command_line_precedence(tmp_path, capsys, monkeypatch):
