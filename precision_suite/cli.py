@@ -1,4 +1,4 @@
-"""Command line: ``precision-suite run | report | merge | formats | env``.
+"""Command line: ``precision-suite run | report | compare | merge | formats | env``.
 
 Exit codes: 0 ok, 1 a check failed (``--fail-on``) or a case raised (every result is still
 written), 2 usage or bad input, or every case skipped (reasons on stderr, nothing written), 130
@@ -24,7 +24,8 @@ _DESCRIPTION = ("Numerical-precision stress tests: chains of layers in fp32, fp1
                 "per-layer statistics, the layer where each chain overflows, underflows or dies, and an HTML report.")
 _EPILOG = """exit codes:
   0    every case ran and no --fail-on check failed
-  1    a --fail-on check failed, or a case raised an error (all results are still written)
+  1    a --fail-on check failed, a case raised an error (all results are still written),
+       or an event moved against --baseline (compare: against BASELINE)
   2    usage or bad input, or every case was skipped (nothing is written)
   130  interrupted (finished cases are kept in the results JSON)
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--fail-on", metavar="LIST",
                       help=f"exit 1 if any case has one of: {', '.join(FAIL_ON_CHOICES)} (grad_: the backward pass; "
                            "a case that raised exits 1 whatever this says)")
+    opts.add_argument("--baseline", metavar="FILE", help="results JSON of an earlier run: compare right after this run "
+                                                         "(as `precision-suite compare FILE`) and exit 1 on regression")
     opts.add_argument("--out", metavar="DIR", help="output directory (default: reports)")
     opts.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
     opts.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
@@ -87,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", metavar="RESULTS.json")
     report.add_argument("-o", "--output", metavar="PATH", help="HTML path (default: report.html beside RESULTS.json)")
     report.add_argument("--baseline", metavar="OTHER.json", help="results of an earlier run to diff against")
+
+    cmp = sub.add_parser("compare", help="diff two runs, or one run along an axis; exit 1 when an event moved",
+                         description="Match cases by id (or, with --across, by every spec field but one axis) and "
+                                     "exit 1 when a case's failure, first_overflow, first_nan, first_underflow or "
+                                     "first_zero moved (forward or backward), a case went from ok to error, or a "
+                                     "baseline case is missing. first_underflow_any and first_subnormal moves and "
+                                     "drifted statistics are reported, not judged (unless --strict-stats).")
+    cmp.add_argument("baseline", metavar="BASELINE.json")
+    cmp.add_argument("current", metavar="CURRENT.json", nargs="?",
+                     help="the run to check (omit it with --across to compare one file's cases with each other)")
+    cmp.add_argument("--across", metavar="AXIS[=BASE:CUR]",
+                     help="match cases that differ only in AXIS (device, mode, backend, format), e.g. "
+                          "--across mode=emulated:native; without values the first in sorted order is the baseline")
+    cmp.add_argument("--layers", type=int, default=0, metavar="N", help="layers an event may move (default 0)")
+    cmp.add_argument("--bits", type=float, default=0.25, metavar="B",
+                     help="drift of log2 rms/amax reported beyond this (default 0.25)")
+    cmp.add_argument("--fraction", type=float, default=0.01, metavar="F",
+                     help="drift of a fraction statistic reported beyond this (default 0.01: one percentage point)")
+    cmp.add_argument("--strict-stats", action="store_true", help="judge drifted statistics too (exit 1)")
+    cmp.add_argument("--json", metavar="PATH", help="also write the diff as JSON (- prints it instead of the table)")
+    cmp.add_argument("--html", metavar="PATH", help="also write CURRENT's report with the diff section")
 
     merge = sub.add_parser("merge", help="merge result shards (e.g. from several CI machines) into one file")
     merge.add_argument("inputs", nargs="+", metavar="RESULTS.json")
@@ -123,7 +147,7 @@ def _load_config(path: str | None) -> dict:
             data = {}
     config = {}
     valid = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale", "rel_error", "no_backward",
-                               "fail_on", "out", "json", "html", "threads", "jobs"}
+                               "fail_on", "out", "json", "html", "threads", "jobs", "baseline"}
     for key, value in data.items():
         norm = key.replace("-", "_")
         if norm not in valid:
@@ -175,6 +199,7 @@ def _cmd_run(args) -> int:
     except SpecError as e:
         raise UsageError(str(e)) from None
     _refuse_all_skipped(cases)
+    baseline = None if options.get("baseline") is None else _load_for_report(str(options["baseline"]))
 
     from .progress import Progress
     from .runner import run_matrix
@@ -200,7 +225,35 @@ def _cmd_run(args) -> int:
     failed = failed_checks(results, [item for item in fail_on if item != "error"])
     for line in failed:
         print(f"FAIL {line}", file=sys.stderr)
-    return 1 if errors or failed else 0
+    regressed = baseline is not None and _print_comparison(baseline, results, argparse.Namespace(
+        across=None, layers=0, bits=0.25, fraction=0.01, strict_stats=False, json=None)) == 1
+    return 1 if errors or failed or regressed else 0
+
+
+def _print_comparison(baseline, current, args) -> int:
+    """Compare, print the table (or JSON), return the exit code; bad input is a UsageError."""
+    import json
+
+    from .compare import CompareError, Tolerances, compare, parse_across, render_text, to_json
+
+    try:
+        axis, values = parse_across(args.across) if args.across else (None, None)
+        if args.layers < 0 or not args.bits > 0 or not 0 < args.fraction <= 1:
+            raise CompareError(f"--layers must be >= 0, --bits > 0 and --fraction in (0, 1]; got {args.layers}, "
+                               f"{args.bits}, {args.fraction}")
+        result = compare(baseline, current, tolerances=Tolerances(args.layers, args.bits, args.fraction),
+                         across=axis, values=values, strict_stats=args.strict_stats)
+    except CompareError as e:
+        raise UsageError(str(e)) from None
+    if args.json == "-":
+        print(json.dumps(to_json(result), indent=1, allow_nan=False))
+    else:
+        print(render_text(result))
+        if args.json:
+            from .results import write_json_atomic
+
+            print(f"diff: {write_json_atomic(args.json, to_json(result))}")
+    return result.exit_code
 
 
 def _refuse_all_skipped(cases) -> None:
@@ -251,6 +304,21 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    if args.current is None and not args.across:
+        raise UsageError("compare needs BASELINE.json and CURRENT.json, or one file and --across AXIS")
+    baseline = _load_for_report(args.baseline)
+    current = baseline if args.current is None else _load_for_report(args.current)
+    if args.html and args.across:
+        raise UsageError("--html shows a baseline diff of CURRENT's report; it does not take --across")
+    code = _print_comparison(baseline, current, args)
+    if args.html:
+        from .report import write_report
+
+        print(f"report: {write_report(current, Path(args.html), baseline=baseline)}")
+    return code
+
+
 def _cmd_merge(args) -> int:
     from .results import ResultsError, load_results, merge_results, write_json_atomic
 
@@ -258,7 +326,10 @@ def _cmd_merge(args) -> int:
         parts = [load_results(p) for p in args.inputs]
     except ResultsError as e:
         raise UsageError(str(e)) from None
-    merged = merge_results(parts)
+    try:
+        merged = merge_results(parts)
+    except ResultsError as e:
+        raise UsageError(str(e)) from None
     write_json_atomic(args.output, merged.to_dict())
     print(f"merged {sum(len(p.cases) for p in parts)} cases from {len(parts)} files into {len(merged.cases)}: {args.output}")
     return 0
@@ -285,7 +356,8 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "report": _cmd_report, "merge": _cmd_merge, "formats": _cmd_formats, "env": _cmd_env}
+_COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "merge": _cmd_merge,
+             "formats": _cmd_formats, "env": _cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ def fingerprint(threads: int | None = None) -> dict:
     count a run with ``threads`` uses (``resolve_threads``), not this process's current setting."""
     import ml_dtypes
     import numpy
+    import scipy
     import torch
 
     from . import __version__
@@ -54,13 +55,18 @@ def fingerprint(threads: int | None = None) -> dict:
         "machine": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        # the vector ISA torch's CPU kernels dispatch to (AVX2, AVX512, AMX): oneDNN's bf16 matmul keeps
+        # subnormals on one and flushes them on another (docs/known-deviations.md)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "ml_dtypes": ml_dtypes.__version__,
+        "scipy": scipy.__version__,
         "torch_threads": resolve_threads(threads),
         "flush_denormal": flush_denormal_enabled(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cuda_available": torch.cuda.is_available(),
         "cuda": None,
     }
@@ -74,6 +80,7 @@ def fingerprint(threads: int | None = None) -> dict:
             "cudnn": torch.backends.cudnn.version(),
             "driver": _nvidia_driver(),
             "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
             "allow_fp16_reduced_precision_reduction": bool(
                 torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
             "allow_bf16_reduced_precision_reduction": bool(
