@@ -15,7 +15,7 @@ import precision_suite.engine as engine
 from precision_suite import run_matrix
 from precision_suite.cli import main
 from precision_suite.compare import Tolerances, compare
-from precision_suite.results import load_results, write_json_atomic
+from precision_suite.results import write_json_atomic
 
 AXES = dict(inits="normal,kaiming_normal", activations="identity", formats="fp16", depth=[40], width=[32],
             batch=[8])

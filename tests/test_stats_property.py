@@ -17,7 +17,8 @@ from precision_suite.formats import get_format  # noqa: E402
 from precision_suite.stats import GRAD_EXTRA_STATS, STAT_NAMES  # noqa: E402
 
 FORMATS = ["fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp64"]
-COUNTS = ["zero_frac", "underflow_frac", "flush_frac", "overflow_frac", "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac"]
+COUNTS = ["zero_frac", "underflow_frac", "flush_frac", "overflow_frac", "subnormal_frac", "inf_frac", "nan_frac",
+          "saturated_frac"]
 
 
 @st.composite

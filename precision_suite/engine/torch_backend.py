@@ -1,6 +1,7 @@
 """The torch backend: stacks of cases sharing a format, on any torch device, in emulated or native mode.
 
-Layer l (docs/definitions.md#the-chain-and-layer-numbering), every op's result rounded to the format (emulated) or produced in it (native):
+Layer l (docs/definitions.md#the-chain-and-layer-numbering), every op's result rounded to the format
+(emulated) or produced in it (native):
 
     pre_l  = x_{l-1} @ W_l.T (+ b_l)
     post_l = x_l = act(norm(pre_l))            or   x_{l-1} + alpha * act(norm(pre_l))  (residual)
