@@ -20,9 +20,9 @@ from .verdicts import pass_failure
 
 __all__ = ["STAT_NAMES", "GRAD_EXTRA_STATS", "Events", "forward_events", "backward_events", "EVENT_NAMES"]
 
-STAT_NAMES = ("rms", "mean", "std", "amax", "amin_nonzero", "zero_frac", "underflow_frac", "overflow_frac",
-              "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac")
-# gradients also carry, for the loss-scale advice (theory.loss_scale_advice), two numbers of the
+STAT_NAMES = ("rms", "mean", "std", "amax", "amin_nonzero", "zero_frac", "underflow_frac", "flush_frac",
+              "overflow_frac", "subnormal_frac", "inf_frac", "nan_frac", "saturated_frac")
+# gradients also carry, for the loss-scale advice (loss_scale.loss_scale_advice), two numbers of the
 # exact (wide) values: exact_amax = max |exact|, and exact_q = the (m+1)-th smallest nonzero |exact|
 # with m = ceil(threshold * n) - 1 (inf when fewer are nonzero). Scaling by S keeps the underflow
 # fraction below the threshold iff S * exact_q > smallest_subnormal / 2.

@@ -70,10 +70,13 @@ def stats(exact, rounded, fmt, native=False):
 def test_relu_zeros_are_not_underflow():
     fp16 = get_format("fp16")
     tiny = fp16.smallest_subnormal / 4  # rounds to zero in fp16
-    exact = [0.0, 0.0, tiny, 1.0]  # two ReLU zeros (exact), one true underflow
-    s = stats(exact, [0.0, 0.0, 0.0, 1.0], "fp16")
+    exact = [0.0, 0.0, tiny, 4 * tiny]  # two ReLU zeros (exact), one true underflow (rms 2 tiny)
+    s = stats(exact, [0.0, 0.0, 0.0, fp16.smallest_subnormal], "fp16")
     assert s[IDX["zero_frac"]] == 0.75
-    assert s[IDX["underflow_frac"]] == 0.25
+    assert s[IDX["underflow_frac"]] == s[IDX["flush_frac"]] == 0.25
+    # beside a 1.0 the same element is below the tensor's resolution: flushed, not underflowed
+    s = stats([0.0, 0.0, tiny, 1.0], [0.0, 0.0, 0.0, 1.0], "fp16")
+    assert s[IDX["flush_frac"]] == 0.25 and s[IDX["underflow_frac"]] == 0.0
 
 
 def test_overflow_is_judged_on_the_exact_value():
@@ -95,15 +98,18 @@ def test_e4m3fn_overflow_without_inf():
 
 def test_native_cancellation_is_not_underflow():
     fp16 = get_format("fp16")
-    s = stats([fp16.smallest_normal * 4, fp16.smallest_subnormal / 4], [0.0, 0.0], "fp16", native=True)
+    exact = [fp16.smallest_normal * 4, fp16.smallest_normal / 2]  # rms ~ 2.9 smallest normal: both significant
+    s = stats(exact, [0.0, 0.0], "fp16", native=True)
     assert s[IDX["underflow_frac"]] == 0.5  # only the one below smallest normal
+    assert s[IDX["flush_frac"]] == 1.0
 
 
 def test_subnormal_and_amin():
     fp16 = get_format("fp16")
     sub = fp16.smallest_subnormal * 3
     s = stats([sub, 2.0, 0.0, -4.0], [sub, 2.0, 0.0, -4.0], "fp16")
-    assert s[IDX["subnormal_frac"]] == 0.25
+    assert s[IDX["subnormal_frac"]] == 0.0  # far below eps * rms: not significant
+    assert stats([sub, 2 * sub, 0.0], [sub, 2 * sub, 0.0], "fp16")[IDX["subnormal_frac"]] == pytest.approx(2 / 3)
     assert s[IDX["amin_nonzero"]] == pytest.approx(sub)
     assert s[IDX["amax"]] == 4.0
     assert s[IDX["rms"]] == pytest.approx(np.sqrt((sub**2 + 4 + 16) / 4))
