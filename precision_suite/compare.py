@@ -24,6 +24,7 @@ __all__ = ["ACROSS_AXES", "CompareError", "Tolerances", "Drift", "Comparison", "
 ACROSS_AXES = ("device", "mode", "backend", "format")
 _LOG2_STATS = ("rms", "amax")  # compared as log2: bits
 _FRACTION_STATS = ("zero_frac", "underflow_frac", "flush_frac", "overflow_frac", "subnormal_frac", "nan_frac")
+_DRIFT_LINES = 12  # the text table shows the first ones; --json has all
 _TENSORS = {"forward": ("pre", "post"), "backward": ("grad", "grad_pre", "wgrad")}
 
 
@@ -163,7 +164,9 @@ def _match_across(baseline: Results, current: Results, axis: str, values):
 
 
 def _drift(b: CaseResult, c: CaseResult, case_id: str, tol: Tolerances) -> list[Drift]:
-    """Per tensor and statistic, the layer of largest drift when it exceeds the tolerance."""
+    """Per tensor and statistic, the layer of largest drift when it exceeds the tolerance, over the
+    layers before either run's failure of that pass (after an overflow the numbers are inf/NaN
+    debris, and the failure itself is judged as an event)."""
     if b.status != "ok" or c.status != "ok":
         return []
     out = []
@@ -171,6 +174,8 @@ def _drift(b: CaseResult, c: CaseResult, case_id: str, tol: Tolerances) -> list[
         old, new = getattr(b, direction), getattr(c, direction)
         if old is None or new is None:
             continue
+        failed = [e.failure["layer"] for e in (old.events, new.events) if e.failure]
+        intact = _intact_layers(direction, failed, b.case.depth)
         for tensor in tensors:
             so, sn = getattr(old, tensor), getattr(new, tensor)
             for stat in (*_LOG2_STATS, *_FRACTION_STATS):
@@ -181,12 +186,20 @@ def _drift(b: CaseResult, c: CaseResult, case_id: str, tol: Tolerances) -> list[
                 log2 = stat in _LOG2_STATS
                 with _np.errstate(divide="ignore", invalid="ignore"):
                     d = _np.abs(_np.log2(_np.abs(y)) - _np.log2(_np.abs(x))) if log2 else _np.abs(y - x)
-                d = _np.where(_np.isfinite(d), d, 0.0)  # a stat that went non-finite shows as an event instead
+                d = _np.where(_np.isfinite(d) & intact, d, 0.0)  # a stat that went non-finite shows as an event
                 i = int(_np.argmax(d))
                 if d[i] > (tol.bits if log2 else tol.fraction):
                     out.append(Drift(case_id, tensor, stat, i + 1, float(x[i]), float(y[i]), float(d[i]),
                                      "bits" if log2 else "fraction"))
     return out
+
+
+def _intact_layers(direction: str, failed: list[int], depth: int) -> _np.ndarray:
+    """Mask of layers 1..depth before the earliest failure: forward below it, backward above it."""
+    layers = _np.arange(1, depth + 1)
+    if not failed:
+        return _np.ones(depth, dtype=bool)
+    return layers < min(failed) if direction == "forward" else layers > max(failed)
 
 
 def _flatten(env: dict, prefix: str = "") -> dict[str, str]:
@@ -244,9 +257,9 @@ def render_text(c: Comparison) -> str:
         lines.append("")
         lines.append(f"statistics that drifted beyond tolerance ({'judged' if c.strict_stats else 'reported'}):")
         lines += [f"  {d.case_id} {d.tensor}.{d.stat} layer {d.layer}: {d.before:.4g} -> {d.after:.4g} "
-                  f"({d.amount:.3g} {d.unit})" for d in c.drift[:50]]
-        if len(c.drift) > 50:
-            lines.append(f"  ... and {len(c.drift) - 50} more")
+                  f"({d.amount:.3g} {d.unit})" for d in c.drift[:_DRIFT_LINES]]
+        if len(c.drift) > _DRIFT_LINES:
+            lines.append(f"  ... and {len(c.drift) - _DRIFT_LINES} more (--json lists every one)")
     for title, ids in (("only in the current run", c.added), ("only in the baseline", c.missing)):
         if ids:
             lines.append(f"{len(ids)} {title}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
