@@ -94,7 +94,9 @@ def test_chain(precision_case, precision_spec):
         return
     measured, predicted = result.forward.events.failure, theory.failure
     tolerance = theory_tolerance(min(_layer(predicted, depth), depth))
-    same_kind = (measured or {}).get("kind") == (predicted or {}).get("kind")
+    # survival counts as an event at depth + 1: a predicted failure within tolerance of the end of the
+    # chain agrees with a measured survival (the drift decides which side of the last layer it lands)
+    same_kind = measured is None or predicted is None or measured["kind"] == predicted["kind"]
     if not same_kind or abs(_layer(measured, depth) - _layer(predicted, depth)) > tolerance:
         seen = f"survived {depth} layers" if measured is None else describe_event(result, measured["kind"])
         pytest.fail(f"theory predicts the chain {_said(predicted, depth)} (± {tolerance}); measured: {seen}",
