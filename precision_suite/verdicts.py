@@ -5,9 +5,11 @@ asks this module; none re-derives a rule from the events (see docs/definitions.m
 
 * A pass's **failure** is the earliest of ``FAILURE_ORDER``'s events (forward: lowest layer;
   backward: first in backward order, the highest layer); ties go to the kind listed first.
-* A **case fails** when its forward *or* its backward pass fails. Its failure is the one that
-  left fewer layers intact: a forward failure at L survived L - 1 layers, a backward failure at L
-  survived depth - L; on a tie the forward one.
+* A **case fails** when its forward *or* its backward pass fails. A backward failure at or above
+  the forward failure's layer echoes it (an overflowed loss makes every gradient NaN): the case
+  failure is then the forward one. Otherwise it is the one that left fewer layers intact: a
+  forward failure at L survived L - 1 layers, a backward failure at L survived depth - L; on a tie
+  the forward one.
 * Against a baseline, the ``JUDGED_EVENTS`` of both passes and a status going ok -> error are
   regressions; ``REPORTED_EVENTS`` (rare-event statistics) and other changes are shown, not judged.
 
@@ -67,13 +69,22 @@ def _survived(direction: str, layer: int, depth: int) -> int:
 
 
 def case_failure(forward: Events | None, backward: Events | None, depth: int) -> dict | None:
-    """``{"direction", "layer", "kind"}``: the pass failure that survived fewer layers (a tie: forward)."""
-    found = [(_survived(d, e.failure["layer"], depth), rank, d, e.failure)
-             for rank, (d, e) in enumerate(zip(_DIRECTIONS, (forward, backward))) if e is not None and e.failure]
-    if not found:
+    """``{"direction", "layer", "kind"}`` of the case, or None.
+
+    A backward failure at or above the forward failure's layer is the forward failure's echo (the
+    loss of an overflowed chain is inf and every gradient from the top down NaN; the gradients of
+    dead layers are zero): the case failure is the forward one. A backward failure below it, in
+    layers the forward pass left intact, is a finding of its own: then the pass that survived fewer
+    layers wins (forward L: L - 1 layers; backward L: depth - L), a tie going to forward."""
+    fwd = forward.failure if forward is not None else None
+    bwd = backward.failure if backward is not None else None
+    if fwd is not None and (bwd is None or bwd["layer"] >= fwd["layer"]):
+        return {"direction": "forward", **fwd}
+    if bwd is None:
         return None
-    _, _, direction, f = min(found, key=lambda t: t[:2])
-    return {"direction": direction, "layer": f["layer"], "kind": f["kind"]}
+    if fwd is not None and _survived("forward", fwd["layer"], depth) <= _survived("backward", bwd["layer"], depth):
+        return {"direction": "forward", **fwd}
+    return {"direction": "backward", **bwd}
 
 
 def layers_survived(result: CaseResult) -> int | None:

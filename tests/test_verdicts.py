@@ -40,11 +40,12 @@ def test_pass_failure_is_earliest_forward_and_highest_backward_with_the_kind_ord
 # ---------------------------------------------------------------- a case's failure
 
 @pytest.mark.parametrize("fwd_layer, bwd_layer, direction", [
-    (6, 8, "backward"),  # forward survived 5, backward 10 - 8 = 2
-    (2, 8, "forward"),   # forward survived 1, backward 2
-    (4, 7, "forward"),   # 3 and 3: a tie goes to forward
-    (5, 7, "backward"),  # 4 and 3
-], ids=["backward-fewer", "forward-fewer", "tie", "backward-by-one"])
+    (6, 8, "forward"),   # the gradients fail above the broken forward pass: its echo
+    (6, 6, "forward"),   # at the very layer: still the echo
+    (9, 3, "backward"),  # below it, where the forward was intact: forward survived 8, backward 10 - 3 = 7
+    (8, 2, "forward"),   # 7 and 8: forward survived fewer
+    (9, 2, "forward"),   # 8 and 8: a tie goes to forward
+], ids=["echo-above", "echo-same-layer", "backward-fewer", "forward-fewer", "tie"])
 def test_case_failure_is_the_direction_that_survived_fewer_layers(fwd_layer, bwd_layer, direction):
     fwd = events(first_overflow=fwd_layer)
     bwd = events(backward=True, first_nan=bwd_layer)
