@@ -576,7 +576,8 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
         cmp["index"] = i
     view = {
         "created": results.created, "tool_version": results.tool_version, "n_cases": len(cases), "counts": counts,
-        "definitions": sorted(results.definitions.items()), "axes": axes, "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
+        "definitions": sorted(results.definitions.items()), "axes": axes,
+        "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
         "cases": case_views, "environment": _environment_rows(results.environments),
         "formats": [_format_view(n) for n in sorted(by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99))],
         "baseline": None if baseline is None else diff_results(results, baseline),
