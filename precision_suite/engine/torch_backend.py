@@ -170,18 +170,30 @@ class _Floors:
         return _np.array([self.exact_floor[i] for i in rows.tolist()])
 
 
-def _exact_rms(e) -> _np.ndarray:
-    """Per row, rms over the finite values, in float64 (scaled by a power of two per row so squares
-    stay inside float64); NaN-free: inf where no value is finite."""
+def _exact_rms(e, amax: _np.ndarray | None = None) -> _np.ndarray:
+    """Per row, rms over the finite values, accumulated in float64; inf where no value is finite.
+    ``amax``: the rows' max |e| if known (inf/NaN there means a row needs the finite mask).
+
+    float32 squares always fit float64 (2^-298 .. 2^256), so float32 rows need no scaling; float64
+    rows are scaled by a power of two per row first."""
     import torch
 
-    x = e.detach().to(torch.float64)
-    finite = torch.isfinite(x)
-    x = torch.where(finite, x, 0.0).abs()
-    [top, count] = _host(x.amax(dim=1), finite.sum(dim=1))
-    k = _np.where(top > 0, -_np.ceil(_np.log2(_np.where(top > 0, top, 1.0))), 0).astype(_np.int64)
-    scale = torch.from_numpy(_np.ldexp(1.0, k)).to(x.device)[:, None]
-    [norm] = _host(torch.linalg.vector_norm(x * scale, dim=1))
+    x = e.detach()
+    n = x.shape[1]
+    if amax is None:
+        [amax] = _host(x.abs().amax(dim=1))
+    count = _np.full(len(amax), float(n))
+    if not _np.isfinite(amax).all():
+        finite = torch.isfinite(x)
+        x = torch.where(finite, x, 0.0)
+        [count, amax] = _host(finite.sum(dim=1), x.abs().amax(dim=1))
+    if x.dtype == torch.float64:
+        k = _np.where(amax > 0, -_np.ceil(_np.log2(_np.where(amax > 0, amax, 1.0))), 0).astype(_np.int64)
+        for part in (k // 2, k - k // 2):  # 2^k itself may lie outside float64 (subnormal rows: k ~ 1070)
+            x = x * torch.from_numpy(_np.ldexp(1.0, part)).to(x.device)[:, None]
+    else:
+        k = _np.zeros(len(amax), dtype=_np.int64)
+    [norm] = _host(torch.linalg.vector_norm(x, dim=1, dtype=torch.float64))
     with _np.errstate(divide="ignore", invalid="ignore"):
         rms = _np.ldexp(norm, -k) / _np.sqrt(count)
     return _np.where(count > 0, rms, math.inf)
@@ -304,20 +316,33 @@ def grad_extra_stats(exact, threshold: float, fmt: Format) -> _np.ndarray:
     a = exact.detach().reshape(c, -1).abs()
     n = a.shape[1]
     m = math.ceil(threshold * n) - 1
-    [amax] = _host(a.amax(dim=1))
+    [amax] = raw_amax = _host(a.amax(dim=1))  # NaN propagates: the rows the rms must mask
     if _np.isnan(amax).any():
         [amax] = _host(torch.nan_to_num(a, nan=0.0, posinf=math.inf).amax(dim=1))
     q = _np.full(c, math.inf)
     if m < n:  # topk of the m + 1 smallest is ~2.5x faster than kthvalue on CPU here; ints ~20% faster still
-        floor = _ceil_to(fmt.eps * _exact_rms(a), a.dtype)
+        int_dtype = _np.int32 if a.dtype == torch.float32 else _np.int64
+        floor = _np.maximum(_ceil_to(fmt.eps * _rms_of_magnitudes(a, raw_amax[0]), a.dtype).view(int_dtype), 1)
         bits = a.view(_int_dtype(a.dtype))  # a's last use: lifted in place (see _count_below)
-        floor_bits = torch.from_numpy(floor).to(a.device).view(bits.dtype)[:, None]
-        bits.masked_fill_(bits < floor_bits, 0)  # below the tensor's resolution: never underflow
-        lifted = bits.sub_(1).bitwise_and_(torch.iinfo(bits.dtype).max)
-        qb = torch.topk(lifted, m + 1, dim=1, largest=False).values[:, -1]
-        [q] = _host(torch.where(qb < _bits(math.inf, a.dtype), qb + 1, 0).view(a.dtype))
-        q[(q == 0) | _np.isnan(q)] = math.inf  # fewer than m + 1 significant, non-NaN values
+        # bits - floor is negative below the floor (zeros too: floor >= 1) and the mask lifts those above
+        # every significant element, whose order it keeps: one pass where a compare and a fill took two
+        lifted = bits.sub_(torch.from_numpy(floor).to(a.device)[:, None]).bitwise_and_(torch.iinfo(bits.dtype).max)
+        qb = torch.topk(lifted, m + 1, dim=1, largest=False).values[:, -1].cpu().numpy()  # bits: no float64 trip
+        found = qb < _bits(math.inf, a.dtype) - floor  # else fewer than m + 1 significant, non-NaN values
+        q[found] = (qb[found] + floor[found]).view(_np.float32 if int_dtype is _np.int32 else _np.float64)
     return _np.stack([amax, q], axis=1)
+
+
+def _rms_of_magnitudes(a, amax: _np.ndarray) -> _np.ndarray:
+    """Per row, rms of |values| ``a`` over the finite ones: a norm in a's own dtype where every square
+    stays in its accurate range (``_squares_out_of_range``; relative error ~1e-7), else ``_exact_rms``."""
+    import torch
+
+    n = a.shape[1]
+    if _np.isfinite(amax).all() and not _squares_out_of_range(amax, a.dtype, n).any():
+        [norm] = _host(torch.linalg.vector_norm(a, dim=1))
+        return norm / math.sqrt(n)
+    return _exact_rms(a, amax)
 
 
 def columns(rows: _np.ndarray, fmt: Format, index: int) -> dict:
