@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as _np
 
+from .environment import flatten
 from .results import CaseResult, Results
 from .verdicts import JUDGED_EVENTS, Moved, case_moves
 
@@ -202,16 +203,6 @@ def _intact_layers(direction: str, failed: list[int], depth: int) -> _np.ndarray
     return layers < min(failed) if direction == "forward" else layers > max(failed)
 
 
-def _flatten(env: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in (env or {}).items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = "—" if v is None else str(v)
-    return out
-
-
 def _env_diff(baseline: Results, current: Results, pairs: list[tuple[CaseResult, CaseResult]]):
     """Environment fields that differ between the machines that ran matched cases."""
     seen, out = set(), []
@@ -220,8 +211,8 @@ def _env_diff(baseline: Results, current: Results, pairs: list[tuple[CaseResult,
         if envs in seen:
             continue
         seen.add(envs)
-        ea = _flatten(_env(baseline, b.environment))
-        eb = _flatten(_env(current, c.environment))
+        ea = flatten(_env(baseline, b.environment))
+        eb = flatten(_env(current, c.environment))
         out += [(k, ea.get(k, "—"), eb.get(k, "—")) for k in sorted(set(ea) | set(eb))
                 if ea.get(k) != eb.get(k) and (k, ea.get(k, "—"), eb.get(k, "—")) not in out]
     return out

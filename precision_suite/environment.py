@@ -6,7 +6,7 @@ import os
 import platform
 import sys
 
-__all__ = ["fingerprint", "flush_denormal_enabled", "resolve_threads"]
+__all__ = ["fingerprint", "flatten", "flush_denormal_enabled", "resolve_threads"]
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -87,6 +87,17 @@ def fingerprint(threads: int | None = None) -> dict:
                 torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
         }
     return env
+
+
+def flatten(env: dict, prefix: str = "") -> dict[str, str]:
+    """A fingerprint as ``{"cuda.device": "...", ...}`` strings (None as a dash): what diffs and reports list."""
+    out = {}
+    for k, v in (env or {}).items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = "—" if v is None else str(v)
+    return out
 
 
 def _nvidia_driver() -> str | None:

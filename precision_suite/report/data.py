@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import numpy as _np
 
+from ..environment import flatten
 from ..formats import FORMATS, get_format
 from ..results import CaseResult, Results
 from ..spec import Case
@@ -513,7 +514,7 @@ def diff_results(current: Results, baseline: Results) -> dict:
     status_changed = [{"id": m.case_id, "anchor": _anchor(m.case_id), "before": m.before, "after": m.after,
                        "judged": m.judged, "error": cur[m.case_id].error or base[m.case_id].error or ""}
                       for m in moves if m.event == "status"]
-    env_a, env_b = _flatten(baseline.environment), _flatten(current.environment)
+    env_a, env_b = flatten(baseline.environment), flatten(current.environment)
     env_changes = [{"key": k, "before": env_a.get(k, "—"), "after": env_b.get(k, "—")}
                    for k in sorted(set(env_a) | set(env_b)) if env_a.get(k) != env_b.get(k)]
     return {"shared": sum(i in base for i in cur), "moved": moved,
@@ -536,22 +537,11 @@ def _moved_value(event: str, value) -> str:
     return _event_text(value)
 
 
-def _flatten(env: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (env or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = "—" if v is None else str(v)
-    return out
-
-
 def _environment_rows(environments: tuple) -> list:
     """(key, value) rows; with several environments (merged shards) each key is prefixed ``[i]``."""
     if len(environments) == 1:
-        return sorted(_flatten(environments[0]).items())
-    return [(f"[{i}] {k}", v) for i, env in enumerate(environments) for k, v in sorted(_flatten(env).items())]
+        return sorted(flatten(environments[0]).items())
+    return [(f"[{i}] {k}", v) for i, env in enumerate(environments) for k, v in sorted(flatten(env).items())]
 
 
 # ---------------------------------------------------------------- entry point
