@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="render the HTML report of a results file",
                             description="Render one self-contained HTML report (no network) from a results "
-                                        "JSON; with --baseline, add a section listing the cases whose events moved.")
+                                        "JSON; with --baseline, add a section listing the cases whose events moved "
+                                        "and exit 1 when a judged event moved (as compare does).")
     report.add_argument("results", metavar="RESULTS.json")
     report.add_argument("-o", "--output", metavar="PATH", help="HTML path (default: report.html beside RESULTS.json)")
     report.add_argument("--baseline", metavar="OTHER.json", help="results of an earlier run to diff against")
@@ -301,7 +302,18 @@ def _cmd_report(args) -> int:
     except OSError as e:
         raise UsageError(f"cannot write {output}: {e.strerror or e}") from None
     print(f"report: {path}")
-    return 0
+    if baseline is None:
+        return 0
+    from .compare import CompareError, compare
+
+    try:
+        regressions = compare(baseline, results).regressions
+    except CompareError as e:  # the report still shows what is only in one run
+        print(f"baseline: {e}")
+        return 0
+    print(f"baseline: {len(regressions)} judged events moved" + (" (precision-suite compare lists them)"
+                                                                   if regressions else ""))
+    return 1 if regressions else 0
 
 
 def _cmd_compare(args) -> int:

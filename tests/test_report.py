@@ -406,9 +406,11 @@ def test_cli_report_writes_html_beside_results(results, tmp_path, capsys):
     out = tmp_path / "sub" / "r.html"
     base = tmp_path / "base.json"
     base.write_text(json.dumps(_moved(load_results(path), 0, 2).to_dict()))
-    assert main(["report", str(path), "-o", str(out), "--baseline", str(base)]) == 0
+    assert main(["report", str(path), "-o", str(out), "--baseline", str(base)]) == 1  # an event moved
     assert 'id="baseline"' in out.read_text()
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "judged events moved" in printed
+    assert main(["report", str(path), "-o", str(out), "--baseline", str(path)]) == 0  # against itself
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
 
 
