@@ -22,8 +22,10 @@ fp32's edge, so the fp32 accumulator itself overflows, to NaN or to +-inf by sum
 Backward: ``first_overflow`` moved by 1-9 layers in 6 chaotic tanh fp16 pairs whose gradient amax
 hovered at 0.57-0.97 of max for several layers, ``first_nan`` with it, ``first_zero`` by one layer
 in 4 pairs (one element of 1024 left), ``first_underflow`` by one layer in 2. Beyond the margin
-there were only torch-side inaccuracies: bf16 GELU gradients (``KNOWN_TORCH_ISSUES``) and, in 1 of
-8 seeds (not seed 0), fp16 tanh gradients, whose fp32 ``1 - tanh(h)^2`` cancels to 0 for |h| > 9.
+there was only a torch-side inaccuracy in 1 of 8 seeds (not seed 0): fp16 tanh gradients, whose
+fp32 ``1 - tanh(h)^2`` cancels to 0 for |h| > 9. (bf16 GELU weight gradients used to differ by 30-47
+layers: the torch backend cast an fp64 layer's weight gradient, ~1e-61, to fp32 — an exact zero
+where numpy kept the underflow. Fixed; both now agree to the layer.)
 ``first_underflow_any`` is a rare-event statistic and is not compared.
 
 Backward events are compared only where the forward pass stayed finite (no overflow, no NaN): past
@@ -34,7 +36,6 @@ not on the format.
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -51,19 +52,6 @@ EVENTS = ("first_overflow", "first_underflow", "first_zero", "first_nan")
 MARGIN = 2.0
 TENSORS = {"forward": ("pre", "post"), "backward": ("grad", "grad_pre", "wgrad")}
 ZERO_TENSORS = {"forward": ("post",), "backward": ("grad", "grad_pre")}
-
-# Differences traced to the torch backend, (direction, format, activation) -> why. test_known_torch_issue
-# detects each on the installed torch: while they differ it xfails with the reason and the torch version;
-# once they agree it holds the entry to the margin like any other pair and passes, warning that it can go.
-KNOWN_TORCH_ISSUES = {
-    ("backward", "bf16", "gelu"): (
-        "torch backend: bf16 GELU gradients lose their far tail. The activation and its derivative run "
-        "in fp64 for bf16, but the weight and input gradients are fp32 matmuls (and layers that run in "
-        "fp64 cast their gradients back to fp32 before rounding), so exact values below fp32's normal "
-        "range flush to zero and read as exact zeros, not underflow: torch reports gradient underflow "
-        "~30-47 layers later (in backward order) than the numpy reference"),
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -134,30 +122,11 @@ def _check(pairs, direction: str, fmt: str, activations) -> list[str]:
     return bad
 
 
-def _known(direction: str, fmt: str) -> set:
-    return {act for (d, f, act) in KNOWN_TORCH_ISSUES if (d, f) == (direction, fmt)}
-
-
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_events_agree(pairs, direction, fmt):
-    activations = set(ACTIVATIONS) - _known(direction, fmt)
-    bad = _check(pairs, direction, fmt, activations)
+    bad = _check(pairs, direction, fmt, set(ACTIVATIONS))
     assert not bad, f"{len(bad)} event(s) differ beyond the margin:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("key", sorted(KNOWN_TORCH_ISSUES), ids="-".join)
-def test_known_torch_issue(pairs, key):
-    """Detection, not assertion: the deviation is looked for on the installed torch every run."""
-    import torch
-
-    direction, fmt, act = key
-    bad = _check(pairs, direction, fmt, {act})
-    if bad:
-        pytest.xfail(f"torch {torch.__version__}: " + KNOWN_TORCH_ISSUES[key] + "\n" + "\n".join(bad))
-    # gone on this torch: the pair has just passed test_events_agree's check, so this passes too
-    warnings.warn(f"torch {torch.__version__}: {'-'.join(key)} now agrees with numpy within the margin: "
-                  "remove it from KNOWN_TORCH_ISSUES", UserWarning)
 
 
 def test_matrix_exercises_every_event(pairs):

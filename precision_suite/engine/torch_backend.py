@@ -585,11 +585,13 @@ class TorchStack:
 
         return on_grad
 
-    def _record_grad_pre(self, layer: int, x_w, w_dtype):
+    def _record_grad_pre(self, layer: int, x_w):
         """grad_pre's hook, which also yields the layer's weight gradient per case from the rounded
         grad_pre g that flows on: wgrad_c = (x_c^T g_c)^T, the bmm autograd would run for a
-        per-case weight. The weights themselves carry no gradient (they are drawn, not trained),
-        so no W-sized copy per case is held for backward."""
+        per-case weight, in the layer's compute dtype (fp64 where the layer ran in fp64: a bf16
+        weight gradient of ~1e-61 is a real underflow, which an fp32 cast would turn into an exact
+        zero). The weights themselves carry no gradient (they are drawn, not trained), so no
+        W-sized copy per case is held for backward."""
         if not self.backward:
             return None
         import torch
@@ -598,7 +600,7 @@ class TorchStack:
 
         def on_grad(exact, rounded):
             grad_pre.add(layer, exact, rounded)
-            w_exact = torch.bmm(x_w.transpose(1, 2), rounded).transpose(1, 2).to(w_dtype)
+            w_exact = torch.bmm(x_w.transpose(1, 2), rounded).transpose(1, 2)
             wgrad.add(layer, w_exact, self.round(w_exact))
 
         return on_grad
@@ -614,7 +616,7 @@ class TorchStack:
             wide_dtype = torch.float64
         x_w = x.to(wide_dtype)
         pre_exact = F.linear(x_w, w.to(wide_dtype), None if b is None else b.to(wide_dtype))
-        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach(), w.dtype))
+        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach()))
         self.stats["pre"].add(layer, pre_exact, pre)
         h = pre
         if self.norm != "none":
