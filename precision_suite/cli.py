@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge result shards (e.g. from several CI machines) into one file")
     merge.add_argument("inputs", nargs="+", metavar="RESULTS.json")
     merge.add_argument("-o", "--output", required=True, metavar="PATH")
+    merge.add_argument("--allow-mixed", action="store_true",
+                       help="keep the later shard's result where two shards ran the same case differently")
 
     sub.add_parser("formats", help="print each format's limits from finfo")
     sub.add_parser("env", help="print this machine's environment fingerprint")
@@ -339,7 +341,7 @@ def _cmd_merge(args) -> int:
     except ResultsError as e:
         raise UsageError(str(e)) from None
     try:
-        merged = merge_results(parts)
+        merged = merge_results(parts, allow_mixed=args.allow_mixed)
     except ResultsError as e:
         raise UsageError(str(e)) from None
     write_json_atomic(args.output, merged.to_dict())

@@ -294,15 +294,18 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} does not follow the results schema: {e}") from None
 
 
-def merge_results(parts: list[Results]) -> Results:
-    """One Results from several shards; a case id in two shards must be the same run (later wins).
-
-    Every part's environments are kept (identical ones once) and each case points at its own; parts
-    must share their definitions (a version-1 file's underflow is not a version-2 one's)."""
+def merge_results(parts: list[Results], allow_mixed: bool = False) -> Results:
+    """One Results from several shards. A case id in two shards must be the same run: its results
+    (timing and environment aside) must agree, else ``ResultsError`` — unless ``allow_mixed``, and
+    then the later shard wins. Every part's environments are kept (identical ones once) and each
+    case points at its own; parts must share their definitions (a version-1 file's underflow is not
+    a version-2 one's), which ``allow_mixed`` cannot override."""
     definitions = {str(p.definitions) for p in parts}
     if len(definitions) > 1:
         raise ResultsError(f"cannot merge results with different definitions ({', '.join(sorted(definitions))}): "
                            "rerun the older shards with this version")
+    if not allow_mixed:
+        _refuse_disagreeing_duplicates(parts)
     environments: list[dict] = []
     merged: dict[str, CaseResult] = {}
     for part in parts:
@@ -315,3 +318,15 @@ def merge_results(parts: list[Results]) -> Results:
             merged[c.id] = replace(c, environment=index.get(c.environment, 0))
     return Results(tuple(merged.values()), tuple(environments),
                    definitions=dict(parts[0].definitions) if parts else dict(DEFINITIONS))
+
+
+def _refuse_disagreeing_duplicates(parts: list[Results]) -> None:
+    seen: dict[str, dict] = {}
+    for n, part in enumerate(parts):
+        for c in part.cases:
+            body = {k: v for k, v in c.to_dict().items() if k not in ("seconds", "environment")}
+            if c.id in seen and seen[c.id]["body"] != body:
+                raise ResultsError(f"case {c.id} is in shards {seen[c.id]['part'] + 1} and {n + 1} with different "
+                                   "results: shard by an axis so that no case runs twice, or pass --allow-mixed to "
+                                   "keep the later one")
+            seen[c.id] = {"part": n, "body": body}

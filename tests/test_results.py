@@ -2,6 +2,7 @@
 schema version 2 (definitions, environments, the case failure) and version-1 files still loading."""
 
 import json
+import re
 import math
 import os
 from dataclasses import replace
@@ -105,6 +106,17 @@ def test_version_1_files_still_load(results, tmp_path):
     assert back.to_dict()["schema_version"] == SCHEMA_VERSION
 
 
+def test_merged_shards_equal_the_single_run(results):
+    """Shards run apart (one format each, as the README's CI recipe does) merge into the full run."""
+    shards = [run_matrix(inits="normal,kaiming_normal", activations="identity", formats=f, depth=[8], width=[32],
+                         batch=[8]) for f in ("fp64", "fp16")]
+    merged = {c.id: c.to_dict() for c in merge_results(shards).cases}
+    full = {c.id: c.to_dict() for c in results.cases}
+    assert merged.keys() == full.keys()
+    for cid, d in full.items():
+        assert {**merged[cid], "seconds": 0} == {**d, "seconds": 0}, cid
+
+
 def test_merge_keeps_every_case_once(results):
     a = Results(results.cases[:2], results.environment)
     b = Results(results.cases[1:], results.environment)
@@ -129,3 +141,23 @@ def test_merge_refuses_parts_with_different_definitions(results):
     old = replace(Results(results.cases[:1], results.environment), definitions={"underflow": "any"})
     with pytest.raises(ResultsError, match="different definitions"):
         merge_results([old, Results(results.cases[1:], results.environment)])
+
+
+def test_merge_refuses_a_case_run_twice_with_different_results(results, tmp_path, capsys):
+    import dataclasses
+
+    from precision_suite.cli import main
+
+    first = results.cases[0]
+    changed = dataclasses.replace(first, error="x", seconds=first.seconds + 1)
+    again = dataclasses.replace(first, seconds=first.seconds + 1)  # the same run, another timing: fine
+    assert merge_results([results, Results((again,), results.environments)]).by_id()[first.id] == again
+    with pytest.raises(ResultsError, match=f"case {re.escape(first.id)} is in shards 1 and 2 with different results"):
+        merge_results([results, Results((changed,), results.environments)])
+    assert merge_results([results, Results((changed,), results.environments)], allow_mixed=True).by_id()[first.id].error == "x"
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(results.to_dict()))
+    b.write_text(json.dumps(Results((changed,), results.environments).to_dict()))
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m.json")]) == 2
+    assert "--allow-mixed" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    assert main(["merge", str(a), str(b), "-o", str(tmp_path / "m.json"), "--allow-mixed"]) == 0
