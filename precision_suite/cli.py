@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-mixed", action="store_true",
                        help="keep the later shard's result where two shards ran the same case differently")
 
+    sub.add_parser("schema", help="print the JSON Schema of the results files (what compare, merge and report accept)")
     sub.add_parser("formats", help="print each format's limits from finfo")
     sub.add_parser("env", help="print this machine's environment fingerprint")
     return parser
@@ -361,6 +362,15 @@ def _cmd_formats(args) -> int:
     return 0
 
 
+def _cmd_schema(args) -> int:
+    import json
+
+    from .validation import results_schema
+
+    print(json.dumps(results_schema(), indent=2))
+    return 0
+
+
 def _cmd_env(args) -> int:
     import json
 
@@ -371,7 +381,7 @@ def _cmd_env(args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "merge": _cmd_merge,
-             "formats": _cmd_formats, "env": _cmd_env}
+             "schema": _cmd_schema, "formats": _cmd_formats, "env": _cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

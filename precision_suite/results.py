@@ -284,6 +284,13 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ResultsError(f"{path} is not a precision-suite results file (top level is {type(data).__name__})")
+    if data.get("schema") == SCHEMA and data.get("schema_version") == SCHEMA_VERSION:
+        from .validation import SchemaViolation, validate_results
+
+        try:
+            validate_results(data)
+        except SchemaViolation as e:
+            raise ResultsError(f"{path} does not follow the results schema: {e}") from None
     try:
         return Results.from_dict(data)
     except ResultsError as e:
