@@ -25,18 +25,19 @@ def results_schema() -> dict:
 
 @functools.cache
 def _validator():
+    """(compiled validator, the exception class it raises): kept together, since a test that
+    re-imports modules would otherwise catch a fresh class the cached validator never raises."""
     import fastjsonschema
 
-    return fastjsonschema.compile(results_schema())
+    return fastjsonschema.compile(results_schema()), fastjsonschema.JsonSchemaValueException
 
 
 def validate_results(payload: dict) -> None:
     """Raise SchemaViolation (``cases[3].status: must be one of ['ok', 'error', 'skipped']``) unless
     ``payload`` follows the current results schema."""
-    import fastjsonschema
-
+    validate, invalid = _validator()
     try:
-        _validator()(payload)
-    except fastjsonschema.JsonSchemaValueException as e:
+        validate(payload)
+    except invalid as e:
         where = (e.name or "data").removeprefix("data").lstrip(".") or "the top level"
         raise SchemaViolation(f"{where}: {e.message.removeprefix((e.name or '') + ' ')}") from None

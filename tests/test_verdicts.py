@@ -10,6 +10,7 @@ from precision_suite.results import BackwardResult, CaseResult, ForwardResult, R
 from precision_suite.spec import Case
 from precision_suite.stats import EVENT_NAMES, Events
 from precision_suite.summary import summary_table
+from precision_suite.stats import STAT_NAMES
 from precision_suite.verdicts import (JUDGED_EVENTS, REPORTED_EVENTS, case_failure, case_moves, compare_results,
                                       count_cases, expectation_met, failed_checks, pass_failure, theory_verdict)
 
@@ -23,8 +24,9 @@ def events(backward: bool = False, **layers) -> Events:
 def result(fwd: dict | None = None, bwd: dict | None = None, **case) -> CaseResult:
     """An ok case of depth 10 whose forward/backward passes show the given event layers."""
     spec = Case(**{"depth": DEPTH, "width": 8, "batch": 2, **case})
-    forward = ForwardResult(events(**(fwd or {})), {}, {}, {})
-    backward = None if bwd is None else BackwardResult(events(backward=True, **bwd), {}, {}, {})
+    columns = {name: [0.0] * DEPTH for name in STAT_NAMES}  # the statistics are not what these tests read
+    forward = ForwardResult(events(**(fwd or {})), {name: 0.0 for name in STAT_NAMES}, columns, columns)
+    backward = None if bwd is None else BackwardResult(events(backward=True, **bwd), columns, columns, columns)
     return CaseResult(spec, forward=forward, backward=backward)
 
 
