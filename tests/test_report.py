@@ -618,3 +618,20 @@ def test_page_renders_in_headless_chromium_without_errors(results, tmp_path):
     assert non_white > 0.05, f"screenshot is nearly blank ({non_white:.1%} non-white pixels)"
     assert max(ImageStat.Stat(grey).stddev) > 20
     assert len(image.getcolors(1 << 20) or []) > 50  # text, bands, coloured lines
+
+
+def test_merged_cpu_and_cuda_shards_show_both_machines(results):
+    """A GPU shard merged with a CPU shard keeps both fingerprints; each case says which machine ran it."""
+    from precision_suite.results import merge_results
+
+    gpu_env = {**results.environment, "cuda_available": True,
+               "cuda": {"device": "NVIDIA H200 (test shard)", "capability": "9.0", "cuda_runtime": "12.8"}}
+    gpu = Results(tuple(replace(r, case=replace(r.case, device="cuda")) for r in results.cases[:2]), (gpu_env,))
+    merged = merge_results([results, gpu])
+    assert merged.environments == (results.environment, gpu_env)
+    page = render_report(merged)
+    assert "NVIDIA H200 (test shard)" in page and "[1] cuda_available" in page and "[0] cuda_available" in page
+    gpu_case = next(r for r in merged.cases if r.case.device == "cuda")
+    start = re.search(rf'<details[^>]*data-id="{re.escape(gpu_case.id)}"', page).start()
+    section = page[start:page.index("<details", start + 1)]  # up to the next case's section
+    assert "<dt>ran on</dt><dd>[1] NVIDIA H200 (test shard) · torch" in section

@@ -313,12 +313,20 @@ def _cell_colour(r: CaseResult) -> str:
     return f"hsl({round(4 + 44 * frac)}, {round(85 - 10 * frac)}%, {round(68 + 12 * frac)}%)"
 
 
-def _case_view(index: int, r: CaseResult) -> dict:
+def _machine(environments: tuple, index: int) -> str:
+    """``[1] NVIDIA H100 · torch 2.13.0`` (or the CPU): which machine of a merged file ran a case."""
+    env = environments[index] if 0 <= index < len(environments) else {}
+    where = (env.get("cuda") or {}).get("device") or env.get("cpu") or "unknown machine"
+    return f"[{index}] {where} · torch {env.get('torch', '?')}"
+
+
+def _case_view(index: int, r: CaseResult, environments: tuple) -> dict:
     c = r.case
     fwd_theory = theory_verdict(r.theory, "forward")
     bwd_theory = theory_verdict(r.theory, "backward")
+    spec = _spec_rows(c) + ([("ran on", _machine(environments, r.environment))] if len(environments) > 1 else [])
     v = {"index": index, "id": r.id, "anchor": _anchor(r.id), "status": r.status, "error": r.error,
-         "skip_reason": r.skip_reason, "seconds": f"{r.seconds:.2f}", "spec": _spec_rows(c),
+         "skip_reason": r.skip_reason, "seconds": f"{r.seconds:.2f}", "spec": spec,
          "format": _format_view(c.format), "theory": _theory_view(fwd_theory), "theory_backward": _theory_view(bwd_theory),
          "depth": c.depth}
     if r.status != "ok" or r.forward is None:
@@ -559,7 +567,7 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
                  "batch", "seed"):
         values = list(dict.fromkeys(str(getattr(r.case, axis)) for r in cases))
         axes.append({"axis": axis, "values": values})
-    case_views = [_case_view(i, r) for i, r in enumerate(cases)]
+    case_views = [_case_view(i, r, results.environments) for i, r in enumerate(cases)]
     groups = _groups(results, case_index)
     comparisons = [cmp for g in groups for cmp in g["comparisons"]]
     for i, cmp in enumerate(comparisons):
