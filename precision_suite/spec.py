@@ -6,6 +6,7 @@ the valid choices; the CLI prints it and exits 2, the pytest plugin raises ``Usa
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ class Case:
     device: str = "cpu"
     mode: str = "emulated"
     backend: str = "torch"
-    width: int = 256
+    width: int = 128  # as DEFAULTS: run_case() ids match a CLI run's
     depth: int = 100
     batch: int = 64
     seed: int = 0
@@ -215,7 +216,11 @@ class Matrix:
 
     @classmethod
     def from_options(cls, **opts) -> "Matrix":
-        """Build from raw option values (comma strings or lists); unset (None) options take defaults."""
+        """Build from raw option values (comma strings or lists); unset (None) options take defaults.
+        An unknown option is a TypeError naming the valid ones (``depht=5`` must not run depth 100)."""
+        unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown matrix option {unknown[0]!r}; valid: {', '.join(f.name for f in dataclasses.fields(cls))}")
 
         def items(key):
             raw = opts.get(key)

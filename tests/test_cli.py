@@ -148,3 +148,19 @@ def test_runs_single_threaded_by_default_and_restore_the_setting(monkeypatch):
                          threads=2, on_result=lambda r: seen.append(torch.get_num_threads()))
     assert seen[-1] == 2 and torch.get_num_threads() == before
     assert results.environments[0]["torch_threads"] == 2  # the fingerprint says what the run used
+
+
+def test_version(capsys):
+    from precision_suite import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"precision-suite {__version__}"
+
+
+def test_a_misspelled_matrix_option_is_refused_not_ignored():
+    from precision_suite import Case, run_matrix
+
+    with pytest.raises(TypeError, match="unknown matrix option 'depht'; valid: inits, .*depth"):
+        run_matrix(depht=5)
+    assert Case().width == 128  # one default per axis: run_case ids match a CLI run's

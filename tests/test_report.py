@@ -635,3 +635,9 @@ def test_merged_cpu_and_cuda_shards_show_both_machines(results):
     start = re.search(rf'<details[^>]*data-id="{re.escape(gpu_case.id)}"', page).start()
     section = page[start:page.index("<details", start + 1)]  # up to the next case's section
     assert "<dt>ran on</dt><dd>[1] NVIDIA H200 (test shard) · torch" in section
+
+
+def test_page_forbids_every_network_load(results):
+    page = render_report(results)
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
+    assert csp and "default-src 'none'" in csp.group(1) and "connect-src 'none'" in csp.group(1)
