@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from .results import CaseResult, Results
-from .spec import Case, Matrix, SpecError, split_list
+from .spec import Case, Matrix, split_list
 from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, compare_results, count_cases,
                        event_layer, expectation_met, theory_verdict)
 
@@ -252,13 +252,10 @@ def _absent(device: str) -> str | None:
     """Why a device is not here (a skip reason), or None; cpu needs no torch import to say so."""
     if device == "cpu":
         return None
-    from .runner import check_devices
+    from .engine.support import device_absent
 
-    try:
-        check_devices([device])
-    except SpecError as e:
-        return str(e).split("; valid:")[0]
-    return None
+    absent = device_absent(device)
+    return None if absent is None else f"device {device!r} is not available here ({absent})"
 
 
 def _path(value: str | None) -> Path | None:

@@ -18,20 +18,8 @@ from .spec import Case, Matrix
 CHECKPOINT_SECONDS = 5.0  # a crash loses at most this much finished work; an interrupt loses none
 WORKER_MIN_SECONDS = 3.0  # estimated work below which a run stays in one process
 
-__all__ = ["run_matrix", "run_case", "check_devices", "check_memory", "estimate_case_bytes", "estimated_seconds",
+__all__ = ["run_matrix", "run_case", "check_memory", "estimate_case_bytes", "estimated_seconds",
            "default_jobs"]
-
-
-def check_devices(devices) -> None:
-    """Raise SpecError naming a device that is not present here (the pytest plugin's skip reason;
-    a run skips such a device's cases instead, see ``engine.support``)."""
-    from .engine.support import device_absent
-    from .spec import SpecError
-
-    for dev in devices:
-        absent = device_absent(dev)
-        if absent:
-            raise SpecError(f"device {dev!r} is not available here ({absent}); valid: cpu")
 
 
 def _available_memory() -> int:
