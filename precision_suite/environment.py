@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 
 __all__ = ["fingerprint", "flatten", "flush_denormal_enabled", "resolve_threads"]
@@ -65,6 +66,8 @@ def fingerprint(threads: int | None = None) -> dict:
         "torch_threads": resolve_threads(threads),
         "flush_denormal": flush_denormal_enabled(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        **_torch_cpu_libraries(torch.__config__.show()),
+        "numpy_blas": _numpy_blas(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cuda_available": torch.cuda.is_available(),
@@ -79,6 +82,7 @@ def fingerprint(threads: int | None = None) -> dict:
             "cuda_runtime": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
             "driver": _nvidia_driver(),
+            "gpu_count": torch.cuda.device_count(),
             "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
             "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
             "allow_fp16_reduced_precision_reduction": bool(
@@ -100,7 +104,37 @@ def flatten(env: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _torch_cpu_libraries(build_config: str) -> dict:
+    """MKL and oneDNN versions torch was built with, from ``torch.__config__.show()`` (torch exposes
+    no other accessor for them; both are linked statically, so threadpoolctl cannot see them)."""
+    mkl = re.search(r"Math Kernel Library Version (\S+)", build_config)
+    onednn = re.search(r"MKL-DNN v(\S+)", build_config)
+    return {"mkl": mkl.group(1) if mkl else None, "onednn": onednn.group(1) if onednn else None}
+
+
+def _numpy_blas() -> str | None:
+    """The BLAS numpy calls (the numpy backend's matmuls), as threadpoolctl reports it: ``openblas 0.3.31``."""
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+            return f"{lib.get('internal_api')} {lib.get('version')}"
+    return None
+
+
 def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version from NVML (nvidia-ml-py) when installed, else /proc's first line."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+            return version.decode() if isinstance(version, bytes) else version
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no nvidia-ml-py, or no NVML on this machine: fall back
+        pass
     try:
         with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
             return f.readline().strip()
