@@ -383,6 +383,31 @@ def test_baseline_warnings_are_shown_not_judged(results):
     assert "no event moved" in section.all_text()
 
 
+def test_baseline_section_says_what_compare_says(results):
+    """The diff section is ``compare``'s verdict: the same drifted statistics (here: one layer's rms
+    doubled, 1 bit, beyond the 0.25-bit default), and when no case matches, compare's message."""
+    from precision_suite.compare import compare
+
+    i = next(i for i, r in enumerate(results.cases) if r.status == "ok" and r.failure is None)
+    cases = list(results.cases)
+    r = cases[i]
+    rms = list(r.forward.post["rms"])
+    rms[1] *= 2.0
+    cases[i] = replace(r, forward=replace(r.forward, post={**r.forward.post, "rms": rms}))
+    baseline = replace(results, cases=tuple(cases))
+    expected = compare(baseline, results).drift
+    assert [(d.case_id, d.tensor, d.stat, d.layer) for d in expected] == [(r.id, "post", "rms", 2)]
+    section = next(_dom(render_report(results, baseline=baseline)).find_all("section", id="baseline"))
+    tables = list(section.find_all("table", cls="diff"))
+    rows = [[td.all_text() for td in tr.find_all("td")] for t in tables for tr in t.find_all("tr")]
+    assert [r.id, "post.rms", "2", f"{rms[1]:.4g}", f"{rms[1] / 2:.4g}", "1 bits"] in rows
+    assert "no event moved" in section.all_text()
+    renamed = tuple(replace(c, case=replace(c.case, seed=c.case.seed + 1)) for c in results.cases)
+    lonely = next(_dom(render_report(results, baseline=replace(results, cases=renamed))).find_all(
+        "section", id="baseline")).all_text()
+    assert "no case of the current run matches one of the baseline" in lonely
+
+
 def _event(layer) -> str:
     return "—" if layer is None else str(layer)
 

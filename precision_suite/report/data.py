@@ -23,8 +23,7 @@ from ..results import CaseResult, Results
 from ..spec import Case
 from ..stats import EVENT_NAMES
 from ..summary import describe_case_failure, describe_failure
-from ..verdicts import (TheoryVerdict, backend_disagreements, compare_results, count_cases, layers_survived,
-                        theory_verdict)
+from ..verdicts import TheoryVerdict, backend_disagreements, count_cases, layers_survived, theory_verdict
 
 __all__ = ["diff_results", "headroom", "report_data"]
 
@@ -41,6 +40,7 @@ _EVENT_LABELS = {
 _KIND_LABEL = {"overflow": "overflow", "nan": "NaN", "zero": "dead", "underflow": "underflow"}
 # per-layer statistics drawn on the range charts, and the fractions drawn under them
 _RANGE_STATS = ("rms", "amax", "amin_nonzero")
+_DRIFT_ROWS = 50  # the diff section lists the first drifted statistics; `compare --json` has all
 _FRACTION_STATS = ("underflow_frac", "flush_frac", "subnormal_frac", "zero_frac")
 _SHORT_STAT = {"rms": "rms", "amax": "amax", "amin_nonzero": "amin", "underflow_frac": "underflow",
                "flush_frac": "flushed", "subnormal_frac": "subnormal", "zero_frac": "zero"}
@@ -509,28 +509,35 @@ def _groups(results: Results, case_index: dict) -> list:
 # ---------------------------------------------------------------- baseline diff
 
 def diff_results(current: Results, baseline: Results) -> dict:
-    """``verdicts.compare_results`` as rows: events that moved (judged, or warnings shown only),
-    status changes, cases only in one run, and the environment keys whose values differ (usually
-    why something moved)."""
-    moves = compare_results(current.cases, baseline)
+    """``compare.compare(baseline, current)`` as rows, the same verdict as ``precision-suite compare``:
+    events that moved (beyond tolerance, within it, or warnings shown only), status changes,
+    statistics that drifted, cases only in one run, and the environment fields that differ
+    between the machines of matched cases (usually why something moved)."""
+    from ..compare import CompareError, compare
+
+    header = {"created": baseline.created, "tool_version": baseline.tool_version}
+    try:
+        c = compare(baseline, current)
+    except CompareError as e:  # nothing matched: the section says so instead of a diff
+        return {**header, "error": str(e)}
     base, cur = baseline.by_id(), current.by_id()
     moved = [{"id": m.case_id, "anchor": _anchor(m.case_id), "pass": m.direction, "event": _moved_label(m.event),
               "before": _moved_value(m.event, m.before), "after": _moved_value(m.event, m.after),
-              "delta": "" if m.delta is None else f"{m.delta:+d}", "judged": m.judged,
-              "verdict": "moved" if m.judged else "warning, not judged"}
-             for m in moves if m.direction is not None]
+              "delta": "" if m.delta is None else f"{m.delta:+d}", "judged": m in c.regressions,
+              "verdict": ("moved" if m in c.regressions else "within tolerance" if m.judged
+                          else "warning, not judged")}
+             for m in c.moved if m.direction is not None]
     status_changed = [{"id": m.case_id, "anchor": _anchor(m.case_id), "before": m.before, "after": m.after,
-                       "judged": m.judged, "error": cur[m.case_id].error or base[m.case_id].error or ""}
-                      for m in moves if m.event == "status"]
-    env_a, env_b = flatten(baseline.environment), flatten(current.environment)
-    env_changes = [{"key": k, "before": env_a.get(k, "—"), "after": env_b.get(k, "—")}
-                   for k in sorted(set(env_a) | set(env_b)) if env_a.get(k) != env_b.get(k)]
-    return {"shared": sum(i in base for i in cur), "moved": moved,
-            "moved_cases": len({m.case_id for m in moves if m.judged and m.direction is not None}),
-            "regressions": sum(m.judged for m in moves),
-            "status_changed": status_changed, "only_current": [i for i in cur if i not in base],
-            "only_baseline": [m.case_id for m in moves if m.event == "missing"], "env_changes": env_changes,
-            "created": baseline.created, "tool_version": baseline.tool_version}
+                       "judged": m in c.regressions, "error": cur[m.case_id].error or base[m.case_id].error or ""}
+                      for m in c.moved if m.event == "status"]
+    drift = [{"id": d.case_id, "anchor": _anchor(d.case_id), "what": f"{d.tensor}.{d.stat}", "layer": d.layer,
+              "before": f"{d.before:.4g}", "after": f"{d.after:.4g}", "amount": f"{d.amount:.3g} {d.unit}"}
+             for d in c.drift[:_DRIFT_ROWS]]
+    return {**header, "error": None, "shared": len(c.pairs), "moved": moved,
+            "moved_cases": len({m.case_id for m in c.regressions if m.direction is not None}),
+            "regressions": len(c.regressions), "notes": c.notes, "status_changed": status_changed,
+            "drift": drift, "drift_total": len(c.drift), "only_current": c.added, "only_baseline": c.missing,
+            "env_changes": [{"key": k, "before": a, "after": b} for k, a, b in c.env_diff]}
 
 
 def _moved_label(event: str) -> str:
