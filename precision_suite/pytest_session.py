@@ -1,48 +1,32 @@
-"""pytest plugin (``pytest11`` entry point): precision cases as tests, one JSON and one report per run.
+"""The pytest plugin's session: settings, parametrization, batched runs, checks, the files at the end.
 
-    @pytest.mark.precision_matrix(inits="kaiming_normal,orthogonal", activations="relu,gelu")
-    @pytest.mark.precision(expect="no-overflow", depth=100)
-    def test_chain(precision_case):
-        precision_case()   # runs this test's case, records it, fails with a message naming the layer
-
-``precision_matrix`` takes the axes of ``precision-suite run`` and parametrizes the test, one test
-per case, ids ``relu-kaiming_normal-fp16-cpu``; formats and devices it does not name come from
-``--precision-formats`` / ``--precision-devices``. ``precision`` declares expectations and fixes
-Case fields. A case on a device this machine lacks (cuda without a GPU) skips with the reason.
-
-Every option has an ini twin (``precision_json = reports/results.json`` under ``[pytest]`` or
-``[tool.pytest.ini_options]``); the command line beats the ini file. Under pytest-xdist every
-worker runs its share with ``cores // workers`` threads (``OMP_NUM_THREADS``) and hands its
-results to the controller through ``workeroutput``; only the controller writes the JSON and the report.
+``pytest_plugin`` (the light entry point) creates one ``PrecisionSession`` per pytest process on
+first need and registers it for the hooks below. Cases a session collected run in batches: the
+first test that needs a case runs every collected case of the same draw group
+(``Case.group_key()``: init, seed, shapes, input) through ``run_matrix`` — the CLI's stacks and
+shared draws — and each test reads its own case's result. Every numeric decision is per case, so
+the result is bit-identical to running the case alone. Under pytest-xdist the cases of a group
+carry one ``xdist_group`` mark: with ``--dist loadgroup`` a group goes to one worker, which
+batches it; under other schedulers a worker runs each case alone (it cannot know which of the
+group's tests it will be sent).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
 
+from .pytest_plugin import WORKER_KEY, setting
 from .results import CaseResult, Results
 from .spec import Case, Matrix, split_list
 from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, compare_results, count_cases,
                        event_layer, expectation_met, theory_verdict)
 
-__all__ = ["EXPECTATIONS", "PrecisionSession", "describe_event", "precision_case", "precision_spec"]
+__all__ = ["PrecisionSession", "describe_event"]
 
-_OPTIONS = (
-    ("json", "PATH", "write the results of every precision case of the run to this JSON file"),
-    ("report", "PATH", "write the HTML report of every precision case of the run to this file"),
-    ("baseline", "PATH", ("results JSON of an earlier run: a test fails when its case's failure, overflow, nan, "
-                          "underflow or zero layer (forward or backward) differs from the baseline's, or the "
-                          "case ran there and errors now")),
-    ("devices", "LIST", ("devices of precision_matrix tests that name none (default: cpu,cuda; "
-                         "cuda cases skip where no GPU is present)")),
-    ("formats", "LIST", "formats of precision_matrix tests that name none (default: fp32,fp16,bf16)"),
-    ("fail-on", "LIST", f"fail a test whose case shows one of: {', '.join(FAIL_ON_CHOICES)}"),
-)
 _DEFAULT_DEVICES = "cpu,cuda"
 
 # Case field -> the Matrix option (``precision-suite run`` axis) that sets it
@@ -59,37 +43,9 @@ _ID_SIZES = {"depth": "d{}", "width": "w{}", "batch": "b{}", "seed": "s{}"}
 
 _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gradient w.r.t. post",
                  "grad_pre": "gradient w.r.t. pre-activation", "wgrad": "weight gradient"}
-_SESSION = pytest.StashKey["PrecisionSession"]()
-_WORKER_KEY = "precision_suite"
 
 
-# ---------------------------------------------------------------- options and configuration
-
-def pytest_addoption(parser):
-    group = parser.getgroup("precision", "precision-suite (numerical-precision matrices)")
-    for name, metavar, help_text in _OPTIONS:
-        group.addoption(f"--precision-{name}", metavar=metavar, help=help_text)
-        parser.addini(f"precision_{name.replace('-', '_')}", help_text)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "precision(expect=None, **case_fields): what the test's precision cases "
-                                       f"must show (one or a comma list of: {', '.join(EXPECTATIONS[:8])}, ...) "
-                                       "and Case fields they use (depth=100, width=256, ...)")
-    config.addinivalue_line("markers", "precision_matrix(**axes): parametrize the test over a precision-suite "
-                                       "matrix (inits=, activations=, formats=, devices=, depth=, ... as in "
-                                       "`precision-suite run`)")
-    session = PrecisionSession(config)
-    config.stash[_SESSION] = session
-    config.pluginmanager.register(session, "precision_suite.session")
-
-
-def _setting(config, name: str) -> str | None:
-    """Command line beats ini; an empty value is unset."""
-    key = "precision_" + name.replace("-", "_")
-    value = config.getoption(key) or config.getini(key)
-    return (value.strip() or None) if value else None
-
+# ---------------------------------------------------------------- settings
 
 def _usage(option: str, error: Exception) -> pytest.UsageError:
     return pytest.UsageError(f"--precision-{option}: {error}")
@@ -112,14 +68,14 @@ class PrecisionSession:
         from .spec import parse_device
 
         self.config = config
-        self.json_path = _path(_setting(config, "json"))
-        self.report_path = _path(_setting(config, "report"))
-        self.devices = _parse_list("devices", _setting(config, "devices") or _DEFAULT_DEVICES, parse_device)
-        formats = _setting(config, "formats")
+        self.json_path = _path(setting(config, "json"))
+        self.report_path = _path(setting(config, "report"))
+        self.devices = _parse_list("devices", setting(config, "devices") or _DEFAULT_DEVICES, parse_device)
+        formats = setting(config, "formats")
         self.formats = None if formats is None else _parse_list("formats", formats, lambda f: get_format(f).name)
-        fail_on = _setting(config, "fail-on")
+        fail_on = setting(config, "fail-on")
         self.fail_on = () if fail_on is None else _parse_list("fail-on", fail_on, _fail_on_item)
-        self.baseline_path = _path(_setting(config, "baseline"))
+        self.baseline_path = _path(setting(config, "baseline"))
         self.baseline = None if self.baseline_path is None else _load_baseline(self.baseline_path)
         if self.report_path is not None:
             _report_writer()  # fail now, not after the run, when the report module cannot load
@@ -127,6 +83,8 @@ class PrecisionSession:
         self.records: list[tuple[str, int, CaseResult]] = []  # (test nodeid, call number in it, result)
         self.calls: dict[str, int] = {}  # test nodeid -> results it recorded so far
         self.ran: dict[tuple, CaseResult] = {}  # (case id, backward) -> result: tests sharing a case run it once
+        self.pending: dict[tuple, list[Case]] = {}  # draw group -> collected cases not run yet (batched)
+        self.batching = self.worker is None or config.getoption("dist", "no") == "loadgroup"
         self.environment: dict | None = None
         self.order: dict[str, int] = {}  # test nodeid -> collection index, for a stable JSON order
         self.lost_workers: list[str] = []
@@ -135,7 +93,10 @@ class PrecisionSession:
     # --- running and checking (called by the precision_case fixture)
 
     def run(self, case: Case, backward: bool = True) -> CaseResult:
-        """Run a case in this process (once per session) or skip when its device is not here."""
+        """Run a case in this process (once per session) or skip when its device is not here.
+
+        With the forward and backward passes (what a collected case's own test asks for), the
+        case runs with every collected case of its draw group that has not run yet."""
         from .runner import run_matrix
 
         reason = _absent(case.device)
@@ -143,9 +104,13 @@ class PrecisionSession:
             pytest.skip(reason)
         key = (case.id, backward)
         if key not in self.ran:
-            results = run_matrix(cases=[case], backward=backward)
+            batch = [case]
+            if backward:
+                group = self.pending.pop(case.group_key(), [])
+                batch += [c for c in group if c.id != case.id and (c.id, True) not in self.ran]
+            results = run_matrix(cases=batch, backward=backward)
             self.environment = self.environment or results.environment
-            self.ran[key] = results.cases[0]
+            self.ran.update(((r.id, backward), r) for r in results.cases)
         return self.ran[key]
 
     def record(self, nodeid: str, result: CaseResult) -> None:
@@ -164,30 +129,85 @@ class PrecisionSession:
 
     # --- xdist: threads per worker; workers hand their records to the controller, which writes the files
 
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_xdist_setupnodes(self, config, specs):
-        """Give each worker cores // workers threads (torch, and numpy's BLAS, which spins when
-        oversubscribed: 2 workers x 2 threads on 2 cores ran the default matrix 4x slower than -n 0).
-        Set in the workers' environment before they import anything; an OMP_NUM_THREADS of the
-        user's is left alone."""
-        if "OMP_NUM_THREADS" in os.environ:
-            return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        for spec in specs:
-            spec.env.setdefault("OMP_NUM_THREADS", str(max(1, cores // len(specs))))
+    # --- parametrization and the fixture (``pytest_plugin`` delegates both here)
+
+    def parametrize(self, metafunc) -> None:
+        """One test per case of ``precision_matrix``; device-absent cases skip with the reason. Under
+        xdist each case is marked ``xdist_group`` by its draw group, for ``--dist loadgroup``."""
+        definition = metafunc.definition
+        if "precision_case" not in metafunc.fixturenames:
+            pytest.fail(f"{definition.nodeid}: @pytest.mark.precision / precision_matrix need the precision_case "
+                        "fixture (add it to the test's arguments)", pytrace=False)
+        try:
+            _, fields = _declared(definition)
+            axes = _matrix_options(definition)
+            if axes is None:
+                _single_case(fields)  # validate the declared fields now, not when the test runs
+                return
+            both = sorted(set(axes) & set(_as_options(fields)))
+            if both:
+                raise ValueError(f"{both[0]!r} is set by both @pytest.mark.precision and @pytest.mark.precision_matrix")
+            cases = _matrix_cases({**axes, **_as_options(fields)}, self)
+        except ValueError as e:
+            pytest.fail(f"{definition.nodeid}: {e}", pytrace=False)
+        varying = [f for f in _ID_SIZES if len({getattr(c, f) for c in cases}) > 1]
+        absent = {d: _absent(d) for d in {c.device for c in cases}}
+        grouped = self.config.pluginmanager.hasplugin("xdist")
+
+        def marks(case: Case) -> list:
+            out = [pytest.mark.skip(reason=absent[case.device])] if absent[case.device] else []
+            if grouped:
+                out.append(pytest.mark.xdist_group(name="precision-" + _group_name(case)))
+            return out
+
+        params = [pytest.param(c, id=_test_id(c, varying), marks=marks(c)) for c in cases]
+        metafunc.parametrize("precision_spec", params, indirect=True)
+
+    def case_runner(self, request, precision_spec: Case | None):
+        """The callable the ``precision_case`` fixture returns (its docstring says how it is called)."""
+        expect, fields = _declared(request.node)
+        base = precision_spec.to_dict() if precision_spec is not None else fields
+
+        def run(case: Case | CaseResult | None = None, /, *, backward: bool = True, **changes) -> CaseResult:
+            if case is not None and changes:
+                raise TypeError("precision_case: pass a Case (or CaseResult) or field changes, not both")
+            if isinstance(case, CaseResult):
+                result = case
+            else:
+                result = self.run(case if case is not None else _single_case({**base, **changes}), backward)
+            self.record(request.node.nodeid, result)
+            if result.status == "skipped":
+                pytest.skip(f"{result.id}: {result.skip_reason or result.error}")
+            failures = self.failures(result, expect)
+            if failures:
+                pytest.fail("\n".join(failures), pytrace=False)
+            return result
+
+        return run
+
+    # --- collection: the order of the JSON, and the cases to batch
 
     @pytest.hookimpl
     def pytest_collection_finish(self, session):
         self.order = {item.nodeid: i for i, item in enumerate(session.items)}
+        if not self.batching:
+            return
+        seen = set()
+        for item in session.items:
+            case = getattr(getattr(item, "callspec", None), "params", {}).get("precision_spec")
+            if isinstance(case, Case) and case.id not in seen and not item.get_closest_marker("skip"):
+                seen.add(case.id)
+                self.pending.setdefault(case.group_key(), []).append(case)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node, ids):
         if not self.order:  # every worker collects the same list; xdist checks that
             self.order = {nodeid: i for i, nodeid in enumerate(ids)}
 
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_testnodedown(self, node, error):
-        payload = getattr(node, "workeroutput", {}).get(_WORKER_KEY)
+    # --- xdist: workers hand their records to the controller, which writes the files
+
+    def worker_down(self, node, payload: str | None, error) -> None:
+        """A worker's records (``pytest_plugin.pytest_testnodedown`` forwards them here)."""
         if payload is None:
             if error is not None:
                 self.lost_workers.append(f"{node.gateway.id}: {error}")
@@ -202,7 +222,7 @@ class PrecisionSession:
         if self.worker is not None:
             payload = {"environment": self.environment,
                        "records": [[nodeid, n, r.to_dict()] for nodeid, n, r in self.records]}
-            self.config.workeroutput[_WORKER_KEY] = json.dumps(payload, allow_nan=False)
+            self.config.workeroutput[WORKER_KEY] = json.dumps(payload, allow_nan=False)
             return
         if self.json_path is None and self.report_path is None:
             return
@@ -348,76 +368,18 @@ def _matrix_cases(options: dict, session: PrecisionSession) -> list[Case]:
                                                "modes": default_modes([device])}).cases()]
 
 
+def _group_name(case: Case) -> str:
+    """A short stable name of the case's draw group (``Case.group_key()``)."""
+    import hashlib
+
+    return hashlib.sha1(repr(case.group_key()).encode()).hexdigest()[:12]
+
+
 def _test_id(case: Case, varying: list[str]) -> str:
     """``relu-kaiming_normal-fp16-cpu``, ``...-cuda-native``, ``...-cpu-d50`` when depth varies."""
     named = [("in_" if f == "input" else "") + getattr(case, f) for f, default in _ID_NAMED.items()
              if getattr(case, f) != default]
     return "-".join([getattr(case, f) for f in _ID_FIELDS] + named + [_ID_SIZES[f].format(getattr(case, f)) for f in varying])
-
-
-def pytest_generate_tests(metafunc):
-    definition = metafunc.definition
-    if not any(definition.get_closest_marker(m) for m in ("precision", "precision_matrix")):
-        return
-    if "precision_case" not in metafunc.fixturenames:
-        pytest.fail(f"{definition.nodeid}: @pytest.mark.precision / precision_matrix need the precision_case "
-                    "fixture (add it to the test's arguments)", pytrace=False)
-    try:
-        _, fields = _declared(definition)
-        axes = _matrix_options(definition)
-        if axes is None:
-            _single_case(fields)  # validate the declared fields now, not when the test runs
-            return
-        both = sorted(set(axes) & set(_as_options(fields)))
-        if both:
-            raise ValueError(f"{both[0]!r} is set by both @pytest.mark.precision and @pytest.mark.precision_matrix")
-        cases = _matrix_cases({**axes, **_as_options(fields)}, metafunc.config.stash[_SESSION])
-    except ValueError as e:
-        pytest.fail(f"{definition.nodeid}: {e}", pytrace=False)
-    varying = [f for f in _ID_SIZES if len({getattr(c, f) for c in cases}) > 1]
-    absent = {d: _absent(d) for d in {c.device for c in cases}}
-    skip = {d: [pytest.mark.skip(reason=why)] if why else [] for d, why in absent.items()}
-    params = [pytest.param(c, id=_test_id(c, varying), marks=skip[c.device]) for c in cases]
-    metafunc.parametrize("precision_spec", params, indirect=True)
-
-
-# ---------------------------------------------------------------- fixtures
-
-@pytest.fixture
-def precision_spec(request) -> Case | None:
-    """This test's Case when ``@pytest.mark.precision_matrix`` parametrizes it, else None."""
-    return getattr(request, "param", None)
-
-
-@pytest.fixture
-def precision_case(request, precision_spec):
-    """Run and record a precision case; fail the test when it breaks an expectation.
-
-    ``precision_case()`` runs this test's case (``precision_matrix``, else the ``precision``
-    marker's fields); ``precision_case(activation="gelu", format="bf16")`` changes fields of it;
-    ``precision_case(Case(...))`` runs that case; ``precision_case(case_result)`` records a
-    finished result; ``backward=False`` runs the forward pass only. Returns the CaseResult.
-    """
-    session: PrecisionSession = request.config.stash[_SESSION]
-    expect, fields = _declared(request.node)
-    base = precision_spec.to_dict() if precision_spec is not None else fields
-
-    def run(case: Case | CaseResult | None = None, /, *, backward: bool = True, **changes) -> CaseResult:
-        if case is not None and changes:
-            raise TypeError("precision_case: pass a Case (or CaseResult) or field changes, not both")
-        if isinstance(case, CaseResult):
-            result = case
-        else:
-            result = session.run(case if case is not None else _single_case({**base, **changes}), backward)
-        session.record(request.node.nodeid, result)
-        if result.status == "skipped":
-            pytest.skip(f"{result.id}: {result.skip_reason or result.error}")
-        failures = session.failures(result, expect)
-        if failures:
-            pytest.fail("\n".join(failures), pytrace=False)
-        return result
-
-    return run
 
 
 # ---------------------------------------------------------------- messages a user can act on

@@ -257,3 +257,56 @@ def test_skip_reason_names_the_missing_device(pytester):
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *device 'cuda' is not available here (torch.cuda.is_available() is False)"])
 
+
+
+# ---------------------------------------------------------------- a light plugin, batched cases
+
+def test_plugin_import_loads_no_numerics(tmp_path):
+    """pytest imports the plugin in every project where the package is installed: that must not
+    pull numpy, ml_dtypes or torch, nor the session, until a precision option, marker or fixture
+    is used — checked in a fresh interpreter, and in a pytest run of a plain test file."""
+    import subprocess
+    import sys
+
+    heavy = ("numpy", "ml_dtypes", "torch", "precision_suite.pytest_session")
+    probe = ("import sys, precision_suite.pytest_plugin; "
+             f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    (tmp_path / "test_plain.py").write_text(
+        "import sys\n\ndef test_plain():\n"
+        f"    assert [m for m in {heavy!r} if m in sys.modules] == []\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                          str(tmp_path / "test_plain.py")], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+
+
+def test_matrix_cases_run_batched_and_equal_the_cli_s(pytester, monkeypatch):
+    """A session runs a draw group's collected cases in one ``run_matrix`` call, and every test's
+    case equals the same case from one ``run_matrix`` over the whole list, statistic for statistic."""
+    import precision_suite.runner as runner
+
+    calls = []
+    real = runner.run_matrix
+
+    def counting(*args, **kwargs):
+        calls.append(len(kwargs.get("cases") or ()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_matrix", counting)
+    pytester.makepyfile(test_batched=f"""
+        import pytest
+
+        @pytest.mark.precision_matrix(inits="normal,kaiming_normal", activations="relu,tanh,gelu",
+                                      formats="fp16,bf16", devices="cpu", {TINY})
+        def test_chain(precision_case):
+            precision_case()
+    """)
+    result = pytester.runpytest("-p", "no:randomly", "--precision-json", "out/results.json")
+    result.assert_outcomes(passed=12)
+    assert sorted(calls) == [6, 6]  # one call per init (draw group), not one per case
+    got = load_results(pytester.path / "out/results.json")
+    cli = real(inits="normal,kaiming_normal", activations="relu,tanh,gelu", formats="fp16,bf16", devices="cpu",
+               depth=12, width=16, batch=8)
+    strip = lambda r: {k: v for k, v in r.to_dict().items() if k not in ("seconds", "environment")}  # noqa: E731
+    assert {r.id: strip(r) for r in got.cases} == {r.id: strip(r) for r in cli.cases}
