@@ -20,7 +20,7 @@ from .results import CaseResult, Results
 from .verdicts import JUDGED_EVENTS, Moved, case_moves
 
 __all__ = ["ACROSS_AXES", "CompareError", "Tolerances", "Drift", "Comparison", "compare", "parse_across",
-           "render_text", "to_json"]
+           "render_text", "to_json", "verdict_line"]
 
 ACROSS_AXES = ("device", "mode", "backend", "format")
 _LOG2_STATS = ("rms", "amax")  # compared as log2: bits
@@ -259,14 +259,19 @@ def render_text(c: Comparison) -> str:
         lines.append("environment fields that differ:")
         width = max(len(k) for k, _, _ in c.env_diff)
         lines += [f"  {k.ljust(width)}  {a}  ->  {b}" for k, a, b in c.env_diff]
+    lines.append("")
+    lines.append(verdict_line(c))
+    return "\n".join(lines)
+
+
+def verdict_line(c: Comparison) -> str:
+    """The last line of ``render_text``, also what the pytest plugin's summary says of a baseline."""
     moved_cases = len({m.case_id for m in c.regressions})
     verdict = (f"REGRESSION: {len(c.regressions)} events moved in {moved_cases} cases" if c.regressions
                else "no judged event moved")
     if c.strict_stats and c.drift:
         verdict += f"; {len(c.drift)} statistics drifted (--strict-stats)"
-    lines.append("")
-    lines.append(verdict)
-    return "\n".join(lines)
+    return verdict
 
 
 def to_json(c: Comparison) -> dict:

@@ -22,7 +22,7 @@ import pytest
 from .pytest_plugin import WORKER_KEY, setting
 from .results import CaseResult, Results
 from .spec import Case, Matrix, split_list
-from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, compare_results, count_cases,
+from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, count_cases,
                        event_layer, expectation_met, theory_verdict)
 
 __all__ = ["PrecisionSession", "describe_event"]
@@ -85,7 +85,7 @@ class PrecisionSession:
         self.ran: dict[tuple, CaseResult] = {}  # (case id, backward) -> result: tests sharing a case run it once
         self.pending: dict[tuple, list[Case]] = {}  # draw group -> collected cases not run yet (batched)
         self.batching = self.worker is None or config.getoption("dist", "no") == "loadgroup"
-        self.environment: dict | None = None
+        self.environments: list[dict] = []  # every machine (xdist worker) whose results this session holds
         self.order: dict[str, int] = {}  # test nodeid -> collection index, for a stable JSON order
         self.lost_workers: list[str] = []
         self.written: list[str] = []
@@ -109,8 +109,8 @@ class PrecisionSession:
                 group = self.pending.pop(case.group_key(), [])
                 batch += [c for c in group if c.id != case.id and (c.id, True) not in self.ran]
             results = run_matrix(cases=batch, backward=backward)
-            self.environment = self.environment or results.environment
-            self.ran.update(((r.id, backward), r) for r in results.cases)
+            env = self._environment_index(results.environment)
+            self.ran.update(((r.id, backward), dataclasses.replace(r, environment=env)) for r in results.cases)
         return self.ran[key]
 
     def record(self, nodeid: str, result: CaseResult) -> None:
@@ -213,14 +213,21 @@ class PrecisionSession:
                 self.lost_workers.append(f"{node.gateway.id}: {error}")
             return
         data = json.loads(payload)
-        if self.environment is None:
-            self.environment = data["environment"]
-        self.records += [(nodeid, n, CaseResult.from_dict(d)) for nodeid, n, d in data["records"]]
+        index = [self._environment_index(env) for env in data["environments"]]
+        for nodeid, n, d in data["records"]:
+            result = CaseResult.from_dict(d)
+            self.records.append((nodeid, n, dataclasses.replace(result, environment=index[result.environment])))
+
+    def _environment_index(self, env: dict) -> int:
+        """Where ``env`` sits in ``environments`` (added when new): shards of one machine share one."""
+        if env not in self.environments:
+            self.environments.append(env)
+        return self.environments.index(env)
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session):
         if self.worker is not None:
-            payload = {"environment": self.environment,
+            payload = {"environments": self.environments,
                        "records": [[nodeid, n, r.to_dict()] for nodeid, n, r in self.records]}
             self.config.workeroutput[WORKER_KEY] = json.dumps(payload, allow_nan=False)
             return
@@ -232,7 +239,11 @@ class PrecisionSession:
         from .environment import fingerprint
         from .results import write_json_atomic
 
-        results = Results(self.results(), self.environment or fingerprint())
+        if not self.environments:  # only finished results were recorded
+            self.environments.append(fingerprint())
+        cases = tuple(r if r.environment < len(self.environments) else dataclasses.replace(r, environment=0)
+                      for r in self.results())
+        results = Results(cases, tuple(self.environments))
         if self.json_path is not None:
             self.written.append(f"results: {write_json_atomic(self.json_path, results.to_dict())}")
         if self.report_path is not None:
@@ -255,17 +266,24 @@ class PrecisionSession:
         lines = [f"{n.total} precision cases: {n.failing} fail ({n.forward} forward, {n.backward} backward first), "
                  f"{n.errors} could not run"]
         if self.baseline is not None:
-            base = self.baseline.by_id()
-            new = sum(r.id not in base for r in cases)
-            not_run = sum(m.event == "missing" for m in compare_results(cases, self.baseline))
-            lines.append(f"baseline {self.baseline_path}: {len(cases) - new} cases compared"
-                         + (f", {new} not in it" if new else "")
-                         + (f", {not_run} of its cases not run here" if not_run else ""))
+            lines.append(f"baseline {self.baseline_path}: {_baseline_verdict(self.baseline, cases)}")
         lines += self.written
         lines += [f"worker {w} went down: its precision results are missing" for w in self.lost_workers]
         terminalreporter.write_sep("-", "precision-suite")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def _baseline_verdict(baseline: Results, cases: tuple[CaseResult, ...]) -> str:
+    """What ``precision-suite compare BASELINE`` says of these cases: pairs, cases in one run only, the verdict."""
+    from .compare import CompareError, compare, verdict_line
+
+    try:
+        c = compare(baseline, Results(cases, ({},)))
+    except CompareError as e:
+        return str(e)
+    extra = [f"{len(c.added)} not in it"] * bool(c.added) + [f"{len(c.missing)} of its cases not run here"] * bool(c.missing)
+    return ", ".join([f"{len(c.pairs)} cases compared", *extra]) + f": {verdict_line(c)}"
 
 
 def _absent(device: str) -> str | None:

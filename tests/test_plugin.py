@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -166,15 +168,22 @@ def test_fail_on_and_a_finished_result(pytester):
 
 def test_baseline_flags_a_moved_layer(chain_tests):
     chain_tests.runpytest("--precision-json", "base.json")
-    chain_tests.runpytest("--precision-baseline", "base.json").assert_outcomes(passed=1, failed=1)  # no regression
+    same = chain_tests.runpytest("--precision-baseline", "base.json")
+    same.assert_outcomes(passed=1, failed=1)  # the overflowing chain fails its expectation, nothing moved
+    same.stdout.fnmatch_lines(["baseline base.json: 2 cases compared: no judged event moved"])
     data = json.loads((chain_tests.path / "base.json").read_text())
     survivor = next(c for c in data["cases"] if c["spec"]["init"] == "kaiming_normal")
     survivor["forward"]["first_underflow"] = 9  # the baseline underflowed at 9; now it survives
     (chain_tests.path / "base.json").write_text(json.dumps(data))
-    result = chain_tests.runpytest("--precision-baseline", "base.json")
+    result = chain_tests.runpytest("--precision-baseline", "base.json", "--precision-json", "now.json")
     result.assert_outcomes(failed=2)
     moved = "*moved against the baseline base.json: forward first_underflow layer 9 -> none [[]relu-kaiming_normal-fp16-cpu-*"
-    result.stdout.fnmatch_lines([moved, "baseline base.json: 2 cases compared"])
+    cli = subprocess.run([sys.executable, "-m", "precision_suite", "compare", "base.json", "now.json"],
+                         cwd=chain_tests.path, capture_output=True, text=True)
+    assert cli.returncode == 1
+    verdict = cli.stdout.strip().splitlines()[-1]  # the plugin says what `compare` says
+    assert verdict.startswith("REGRESSION: ")
+    result.stdout.fnmatch_lines([moved, f"baseline base.json: 2 cases compared: {verdict}"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -246,6 +255,36 @@ def test_xdist_workers_results_reach_one_json(pytester):
     assert b["environments"][0]["torch_threads"] == max(1, cores // 2)
 
 
+def test_xdist_workers_keep_their_own_environments(pytester):
+    """Workers whose fingerprints differ (here: a label naming the worker) each keep theirs in the
+    JSON, and every case points at the fingerprint of the worker that ran it."""
+    pytester.makeconftest("""
+        import os
+        import precision_suite.runner as runner
+
+        real = runner.fingerprint
+        runner.fingerprint = lambda *a, **k: {**real(*a, **k), "label": os.environ.get("PYTEST_XDIST_WORKER")}
+    """)
+    pytester.makepyfile(f"""
+        import os
+        import pytest
+
+        @pytest.mark.precision_matrix(inits="kaiming_normal,normal,torch_default,lecun_normal", activations="relu",
+                                      formats="fp16", devices="cpu", {TINY})
+        def test_chain(precision_case):
+            result = precision_case()
+            with open("ran_by.txt", "a") as f:
+                f.write(f"{{result.id}} {{os.environ['PYTEST_XDIST_WORKER']}}\\n")
+    """)
+    run = pytester.runpytest_subprocess("-n", "2", "--precision-json", "out.json")
+    assert run.ret == pytest.ExitCode.OK
+    ran_by = dict(line.split() for line in (pytester.path / "ran_by.txt").read_text().splitlines())
+    data = json.loads((pytester.path / "out.json").read_text())
+    labels = [env["label"] for env in data["environments"]]
+    assert sorted(labels) == sorted(set(ran_by.values()))
+    assert {c["id"]: labels[c["environment"]] for c in data["cases"]} == ran_by
+
+
 def test_skip_reason_names_the_missing_device(pytester):
     if ON_GPU:
         pytest.skip("this machine has a GPU: cuda cases run here")
@@ -265,9 +304,6 @@ def test_plugin_import_loads_no_numerics(tmp_path):
     """pytest imports the plugin in every project where the package is installed: that must not
     pull numpy, ml_dtypes or torch, nor the session, until a precision option, marker or fixture
     is used — checked in a fresh interpreter, and in a pytest run of a plain test file."""
-    import subprocess
-    import sys
-
     heavy = ("numpy", "ml_dtypes", "torch", "precision_suite.pytest_session")
     probe = ("import sys, precision_suite.pytest_plugin; "
              f"print([m for m in {heavy!r} if m in sys.modules])")
