@@ -134,6 +134,7 @@ class CaseResult:
     seconds: float = 0.0
     skip_reason: str | None = None  # why it could not run here, known before it started (status "skipped")
     environment: int = 0  # index into Results.environments: the machine/shard that ran it
+    probe: dict | None = None  # probe cases: PROBE_KEYS (layer names, event sites, least headroom)
 
     @property
     def id(self) -> str:
@@ -152,16 +153,31 @@ class CaseResult:
                 "environment": self.environment, "failure": self.failure, "spec": self.case.to_dict(),
                 "forward": None if self.forward is None else self.forward.to_dict(),
                 "backward": None if self.backward is None else self.backward.to_dict(),
-                "theory": _encode_tree(self.theory), "seconds": round(self.seconds, 6)}
+                "theory": _encode_tree(self.theory), "seconds": round(self.seconds, 6),
+                **_encode_tree(self.probe or {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaseResult":
         fwd, bwd = d.get("forward"), d.get("backward")
-        return cls(Case.from_dict(d["spec"]), d["status"], d.get("error"),
+        probe = {k: _decode_tree(d[k]) for k in PROBE_KEYS if k in d} or None
+        return cls(_spec_from_dict(d["spec"]), d["status"], d.get("error"),
                    None if fwd is None else ForwardResult.from_dict(fwd),
                    None if bwd is None else BackwardResult.from_dict(bwd),
                    _decode_tree(d.get("theory")), float(d.get("seconds", 0.0)), d.get("skip_reason"),
-                   int(d.get("environment", 0)))
+                   int(d.get("environment", 0)), probe)
+
+
+# a probe case's extra keys (docs/probe.md): its layers' names and formats, where each event first showed
+PROBE_KEYS = ("layer_names", "layer_formats", "event_sites", "least_headroom")
+
+
+def _spec_from_dict(spec: dict):
+    """A chain ``Case``, or a ``ProbeCase`` (its spec names a ``model``)."""
+    if "model" in spec:
+        from .probe.case import ProbeCase
+
+        return ProbeCase.from_dict(spec)
+    return Case.from_dict(spec)
 
 
 def _encode_tree(obj):

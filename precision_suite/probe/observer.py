@@ -1,0 +1,184 @@
+"""The ``TorchDispatchMode`` that sees every aten op of a model, forward and backward.
+
+* **emulated** (the model in the wide precision, fp32 for fp16/bf16/fp8): each layer op's output
+  is rounded to the format (nearest-even); its value before rounding is the exact value. Backward
+  ops are rounded too, and their exact values are kept beside the rounded gradients (through
+  views and copies as well) so that the gradient reaching a layer's output has its exact value.
+* **autocast** / **native** (ops run in whatever dtype autocast or the model chose): nothing is
+  rounded; a layer whose output is fp16/bf16 is recomputed in fp32 from its own (upcast)
+  operands for the exact value and judged against that format, an fp32 output against fp32
+  (its own value is its exact value: only inf/NaN show there). Gradients are observed as they are.
+
+Backward statistics are keyed to forward layers: a hook on each layer's output receives the
+gradient w.r.t. it (registered at the next op, once autograd has attached the output's history),
+and a hook on each parameter the gradient w.r.t. it, keyed to the first layer that consumed it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..formats import FORMATS, Format
+from .ops import float_tensors, is_cast, is_inplace, is_layer, op_name, scalars_finite
+from .record import Recorder
+
+__all__ = ["Observer", "round_tensor"]
+
+_DTYPE_FORMAT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                 "float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
+
+
+def round_tensor(x, fmt: Format):
+    """Nearest-even rounding of a wide tensor to ``fmt``, kept in x's dtype: one cast is correct
+    from the wide precision (fp32 -> fp16/bf16/fp8, fp64 -> fp32). Overflow is inf, or NaN where
+    the format has none (torch's fp8_e4m3fn cast saturates instead)."""
+    r = x.to(fmt.torch_dtype()).to(x.dtype)
+    return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), torch.nan, r)
+
+
+def _format_of(dtype) -> Format:
+    return FORMATS[_DTYPE_FORMAT[str(dtype).removeprefix("torch.")]]
+
+
+class Observer(TorchDispatchMode):
+    """Rounds (emulated) or observes (autocast, native) every op; records layers in ``recorder``."""
+
+    def __init__(self, recorder: Recorder, modules, fmt: Format, emulated: bool, backward: bool, params=()):
+        super().__init__()
+        self.rec, self.modules, self.fmt = recorder, modules, fmt
+        self.emulated, self.backward = emulated, backward
+        self.exact_of = WeakTensorKeyDictionary()  # backward: rounded gradient -> its exact value
+        self.finite_of = WeakTensorKeyDictionary()  # forward: tensor -> holds no inf/NaN
+        self.origin = WeakTensorKeyDictionary()  # tensor -> the parameters it is a view of
+        for p in params:
+            self.origin[p] = (p,)
+        self.param_layer: dict[int, tuple] = {}  # id(param) -> (layer, param)
+        self.pending: list = []  # (output, layer): hooks to register once autograd has seen it
+        self.handles: list = []
+
+    # ---- hooks ----
+
+    def flush(self) -> None:
+        """Register the gradient hooks of the layer outputs recorded so far."""
+        pending, self.pending = self.pending, []
+        for t, layer in pending:
+            if t.requires_grad:
+                self.handles.append(t.register_hook(self._grad_hook(layer, "out")))
+
+    def _grad_hook(self, layer: int, tensor: str):
+        def hook(g):
+            exact = self.exact_of.get(g)
+            self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
+        return hook
+
+    def _claim_params(self, layer: int, args) -> None:
+        """The parameters this layer consumes (through views) that no earlier layer did; a layer
+        keeps the gradient of its largest one."""
+        found = [p for t in float_tensors(args) for p in self.origin.get(t, ())]
+        new = [p for p in found if id(p) not in self.param_layer]
+        for p in new:
+            self.param_layer[id(p)] = (layer, p)
+        if new and self.backward:
+            p = max(new, key=lambda q: q.numel())
+            if p.requires_grad:
+                self.handles.append(p.register_hook(self._grad_hook(layer, "wgrad")))
+
+    def remove_hooks(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # ---- dispatch ----
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.pending:
+            self.flush()
+        in_backward = torch._C._current_graph_task_id() != -1
+        snapshot = None
+        if not self.emulated and not in_backward and is_inplace(func) and isinstance(args[0], torch.Tensor):
+            snapshot = args[0].clone()  # the operand as it was, for the exact recompute
+        out = func(*args, **kwargs)
+        # autocast's cast of a parameter is bookkeeping: the op consuming the weight is the layer
+        if not is_layer(func, args, kwargs, out) or (is_cast(func) and args[0] in self.origin):
+            self._pass_through(func, args, kwargs, out, in_backward)
+            return out
+        if in_backward:
+            return self._round_gradients(func, out) if self.emulated else out
+        return self._forward_layer(func, args, kwargs, out, snapshot)
+
+    def _pass_through(self, func, args, kwargs, out, in_backward: bool) -> None:
+        """A view, copy or constant: its output inherits what is known of its inputs."""
+        if not isinstance(out, torch.Tensor):
+            return
+        inputs = float_tensors((args, kwargs))
+        if in_backward:
+            if self.emulated and any(t in self.exact_of for t in inputs):
+                swap = lambda t: self.exact_of.get(t, t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+                self.exact_of[out] = func(*tree_map(swap, args), **tree_map(swap, kwargs))
+            return
+        self.finite_of[out] = all(self._finite(t) for t in inputs) and scalars_finite((args, kwargs))
+        origins = tuple(p for t in inputs for p in self.origin.get(t, ()))
+        if origins:
+            self.origin[out] = origins
+
+    def _finite(self, t) -> bool:
+        known = self.finite_of.get(t)
+        if known is None:  # a parameter, buffer or input: checked once
+            known = self.finite_of[t] = bool(torch.isfinite(t).all())
+        return known
+
+    def _round_gradients(self, func, out):
+        """Emulated backward: round every floating output, remembering its exact value."""
+        def rnd(t):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                return t
+            r = round_tensor(t, self.fmt)
+            if is_inplace(func):
+                exact = t.clone()
+                t.copy_(r)
+                r = t
+            else:
+                exact = t
+            self.exact_of[r] = exact
+            return r
+        return tuple(rnd(t) for t in out) if isinstance(out, (tuple, list)) else rnd(out)
+
+    def _forward_layer(self, func, args, kwargs, out, snapshot):
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        inputs_finite = all(self._finite(t) for t in float_tensors((args, kwargs))) and scalars_finite((args, kwargs))
+        if self.emulated:
+            fmt, exact = self.fmt, first
+            rounded = round_tensor(first, fmt)
+            if is_inplace(func):
+                exact = first.clone()
+                first.copy_(rounded)
+                rounded = first
+        else:
+            fmt = _format_of(first.dtype)
+            exact, rounded = self._exact(func, args, kwargs, first, snapshot), first
+        layer = self.rec.add_layer(self.modules.current, op_name(func), exact, rounded, fmt,
+                                   native=not self.emulated, inputs_finite=inputs_finite)
+        self.finite_of[rounded] = not self.rec.nonfinite[-1]
+        self._claim_params(layer, (args, kwargs))
+        if self.backward:
+            self.pending.append((rounded, layer))
+        if rounded is first:
+            return out
+        return (rounded, *out[1:]) if isinstance(out, (tuple, list)) else rounded
+
+    def _exact(self, func, args, kwargs, first, snapshot):
+        """autocast/native: the op recomputed in fp32 from its own operands upcast (exact upcast);
+        a narrowing cast's exact value is its input; an fp32 output is its own exact value."""
+        if first.dtype in (torch.float32, torch.float64):
+            return first
+        if is_cast(func):
+            return args[0].float()
+        if snapshot is not None:
+            args = (snapshot, *args[1:])
+        up = lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        wide = func(*tree_map(up, args), **tree_map(up, kwargs))
+        return (wide[0] if isinstance(wide, (tuple, list)) else wide).float()
