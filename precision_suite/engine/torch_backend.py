@@ -263,34 +263,56 @@ def _host(*tensors) -> list:
 
 
 def _moments(r, amax: _np.ndarray) -> _np.ndarray:
-    """[C, 3]: per-row mean, population std and rms (float64) from a sum and a 2-norm in r's dtype.
+    """[C, 3]: per-row mean, population std and rms (float64) from a sum and a 2-norm.
 
-    std = sqrt(rms^2 - mean^2) in float64 unless |mean| is large against rms (relative error of
-    that difference ~ eps * rms^2 / std^2); then the second pass, the norm of r - mean. Squares
-    must stay in r's accurate range (``_squares_out_of_range``): a stack with a row outside it is
-    summed in float64, which holds every fp32 square (bf16 values near 3e38, bf16 tails near
-    1e-40); float64 rows near float64's own limits (the fp64 format) are scaled by 2^k, exactly."""
+    Every choice is made per row, so a row's numbers do not depend on the rows stacked with it:
+    - rows whose squares leave r's accurate range (``_squares_out_of_range``) are summed in
+      float64, which holds every fp32 square (bf16 values near 3e38, bf16 tails near 1e-40);
+      float64 rows near float64's own limits (the fp64 format) are scaled by 2^k, exactly;
+    - std = sqrt(rms^2 - mean^2) in float64 unless |mean| is large against rms (relative error of
+      that difference ~ eps * rms^2 / std^2); then the second pass, the norm of r - mean."""
     import torch
 
     n = r.shape[1]
-    if r.dtype != torch.float64 and _squares_out_of_range(amax, r.dtype, n).any():
-        r = r.double()
+    out = _np.empty((r.shape[0], 3))
+    wide = (_squares_out_of_range(amax, r.dtype, n) if r.dtype != torch.float64
+            else _np.zeros(len(amax), dtype=bool))
+    for rows, promote in ((_np.flatnonzero(~wide), False), (_np.flatnonzero(wide), True)):
+        if rows.size:
+            part = r if rows.size == len(amax) else r[torch.from_numpy(rows).to(r.device)]
+            out[rows] = _moments_of(part.double() if promote else part, amax[rows])
+    return out
+
+
+def _moments_of(r, amax: _np.ndarray) -> _np.ndarray:
+    """``_moments`` of rows that share one dtype."""
+    import torch
+
+    n = r.shape[1]
     k = _np.zeros(len(amax), dtype=_np.int64)
     rescale = _squares_out_of_range(amax, r.dtype, n)
     if rescale.any():  # largest magnitude ~1; 2^k itself may lie outside float64, so in two factors
         k[rescale] = -_np.ceil(_np.log2(amax[rescale])).astype(_np.int64)
         for part in (k // 2, k - k // 2):
             r = r * torch.tensor(_np.ldexp(1.0, part), dtype=r.dtype, device=r.device)[:, None]
-    total, norm = _host(r.sum(dim=1), torch.linalg.vector_norm(r, dim=1))
+    total, norm = _host(row_sum(r), torch.linalg.vector_norm(r, dim=1))
     mean, rms = total / n, norm / math.sqrt(n)
-    if (mean * mean <= 0.25 * rms * rms).all():  # std^2 >= 3/4 rms^2: no cancellation to fear
-        with _np.errstate(invalid="ignore"):  # inf - inf: an overflowed row's std is NaN
-            std = _np.sqrt(_np.clip(rms * rms - mean * mean, 0, None))
-    else:
-        centre = torch.tensor(mean, dtype=r.dtype, device=r.device)[:, None]
-        [std] = _host(torch.linalg.vector_norm(r - centre, dim=1))
-        std = std / math.sqrt(n)
+    with _np.errstate(invalid="ignore"):  # inf - inf: an overflowed row's std is NaN
+        std = _np.sqrt(_np.clip(rms * rms - mean * mean, 0, None))
+    second = _np.flatnonzero(~(mean * mean <= 0.25 * rms * rms))  # std^2 < 3/4 rms^2 (or NaN): cancellation
+    if second.size:
+        index = torch.from_numpy(second).to(r.device)
+        centre = torch.tensor(mean[second], dtype=r.dtype, device=r.device)[:, None]
+        [dev] = _host(torch.linalg.vector_norm(r[index] - centre, dim=1))
+        std[second] = dev / math.sqrt(n)
     return _np.ldexp(_np.stack([mean, std, rms], axis=1), -k[:, None])
+
+
+def row_sum(x):
+    """Per-row sum of a [C, N] tensor, in an order that does not depend on C: torch sums one row
+    of N >= 32768 elements in pieces across threads, but several rows one row per thread, each
+    in order; a single row is therefore summed as one of two (the second is never read)."""
+    return x.sum(dim=1) if x.shape[0] > 1 else x.expand(2, -1).sum(dim=1)[:1]
 
 
 def _squares_out_of_range(amax: _np.ndarray, dtype, n: int) -> _np.ndarray:
@@ -339,10 +361,16 @@ def _rms_of_magnitudes(a, amax: _np.ndarray) -> _np.ndarray:
     import torch
 
     n = a.shape[1]
-    if _np.isfinite(amax).all() and not _squares_out_of_range(amax, a.dtype, n).any():
+    direct = _np.isfinite(amax) & ~_squares_out_of_range(amax, a.dtype, n)  # decided per row
+    if direct.all():
         [norm] = _host(torch.linalg.vector_norm(a, dim=1))
         return norm / math.sqrt(n)
-    return _exact_rms(a, amax)
+    out = _np.empty(len(amax))
+    for rows, exact in ((_np.flatnonzero(direct), False), (_np.flatnonzero(~direct), True)):
+        if rows.size:
+            part = a[torch.from_numpy(rows).to(a.device)]
+            out[rows] = _exact_rms(part, amax[rows]) if exact else _host(torch.linalg.vector_norm(part, dim=1))[0] / math.sqrt(n)
+    return out
 
 
 def columns(rows: _np.ndarray, fmt: Format, index: int) -> dict:
@@ -467,13 +495,16 @@ class _Reducer:
         self.recorded = 0
         self.pending: list = []  # (layer, exact, rounded)
 
-    def add(self, layer: int, exact, rounded) -> None:
+    def add(self, layer: int, exact, rounded, rows=None) -> None:
+        """Record a layer's [C', ...] stacks; ``rows``: the stack rows they hold (None: all C)."""
         if exact.dim() == 2:  # a native weight gradient: native stacks hold one case
             exact, rounded = exact[None], rounded[None]
         exact, rounded = exact.detach(), rounded.detach()
-        if self.pending and (exact.dtype, exact.shape) != (self.pending[0][1].dtype, self.pending[0][1].shape):
+        rows = None if rows is None else tuple(int(i) for i in rows)
+        if self.pending and ((exact.dtype, exact.shape, rows) !=
+                             (self.pending[0][1].dtype, self.pending[0][1].shape, self.pending[0][3])):
             self.flush()
-        self.pending.append((layer, exact, rounded))
+        self.pending.append((layer, exact, rounded, rows))
         if len(self.pending) >= self.CHUNK or len(self.pending) * exact.numel() >= self.CHUNK_ELEMENTS:
             self.flush()
 
@@ -482,7 +513,8 @@ class _Reducer:
 
         if not self.pending:
             return
-        layers, exact, rounded = zip(*self.pending)
+        layers, exact, rounded, [rows, *_] = zip(*self.pending)
+        rows = slice(None) if rows is None else list(rows)
         self.pending = []
         c = exact[0].shape[0]
         exact, rounded = (exact[0], rounded[0]) if len(layers) == 1 else (torch.cat(exact), torch.cat(rounded))
@@ -490,7 +522,7 @@ class _Reducer:
         if self.grad_threshold is not None:
             stats = _np.concatenate([stats, grad_extra_stats(exact, self.grad_threshold, self.fmt)], axis=1)
         for i, layer in enumerate(layers):
-            self.table[layer - 1] = stats[i * c:(i + 1) * c]
+            self.table[layer - 1, rows] = stats[i * c:(i + 1) * c]
         self.recorded += len(layers)
 
     def rows(self) -> _np.ndarray:
@@ -567,25 +599,26 @@ class TorchStack:
         if self.shadow is not None:
             self._step_shadow(layer, w, b)
 
-    def _activation(self, h):
-        """Each case's activation on its slice of the stack."""
+    def _activation(self, h, rows=None):
+        """Each case's activation on its slice of the stack (``rows``: the stack rows h holds)."""
         import torch
 
-        if len({a.name for a in self.acts}) == 1:
-            return self.acts[0].torch_fn(h)
-        return torch.stack([act.torch_fn(h[i]) for i, act in enumerate(self.acts)])
+        acts = self.acts if rows is None else [self.acts[i] for i in rows]
+        if len({a.name for a in acts}) == 1:
+            return acts[0].torch_fn(h)
+        return torch.stack([act.torch_fn(h[i]) for i, act in enumerate(acts)])
 
-    def _record_grad(self, kind: str, layer: int):
+    def _record_grad(self, kind: str, layer: int, rows=None):
         if not self.backward:
             return None
         reducer = self.stats[kind]
 
         def on_grad(exact, rounded):
-            reducer.add(layer, exact, rounded)
+            reducer.add(layer, exact, rounded, rows)
 
         return on_grad
 
-    def _record_grad_pre(self, layer: int, x_w):
+    def _record_grad_pre(self, layer: int, x_w, rows=None):
         """grad_pre's hook, which also yields the layer's weight gradient per case from the rounded
         grad_pre g that flows on: wgrad_c = (x_c^T g_c)^T, the bmm autograd would run for a
         per-case weight, in the layer's compute dtype (fp64 where the layer ran in fp64: a bf16
@@ -599,36 +632,54 @@ class TorchStack:
         grad_pre, wgrad = self.stats["grad_pre"], self.stats["wgrad"]
 
         def on_grad(exact, rounded):
-            grad_pre.add(layer, exact, rounded)
+            grad_pre.add(layer, exact, rounded, rows)
             w_exact = torch.bmm(x_w.transpose(1, 2), rounded).transpose(1, 2)
-            wgrad.add(layer, w_exact, self.round(w_exact))
+            wgrad.add(layer, w_exact, self.round(w_exact), rows)
 
         return on_grad
 
     def _step_emulated(self, layer: int, w, b) -> None:
+        """One layer; each case picks its own compute dtype from its own input (bf16: fp64 when its
+        input amax is below ``fp64_below``), so a case computes the same alone and stacked: when the
+        stacked cases disagree, each dtype's rows run as their own sub-stack."""
+        import torch
+
+        fp64 = (_host(self._input_amax())[0] < self.fp64_below if self.fp64_below
+                else _np.zeros(len(self.cases), dtype=bool))
+        if fp64.all() or not fp64.any():
+            dtype = torch.float64 if fp64.all() else self.wide_dtype
+            self.x = self._emulated_rows(layer, self.x, w, b, dtype, None)
+            return
+        parts, order = [], []
+        for rows, dtype in ((_np.flatnonzero(~fp64), self.wide_dtype), (_np.flatnonzero(fp64), torch.float64)):
+            index = torch.from_numpy(rows).to(self.device)
+            parts.append(self._emulated_rows(layer, self.x[index], w, b, dtype, rows))
+            order.append(rows)
+        inverse = torch.from_numpy(_np.argsort(_np.concatenate(order))).to(self.device)
+        self.x = torch.cat(parts)[inverse]
+
+    def _emulated_rows(self, layer: int, x, w, b, wide_dtype, rows):
+        """The layer for the stack rows ``rows`` (None: all) held by ``x``, computed in
+        ``wide_dtype``; returns their post in the stack's wide dtype."""
         import torch
         import torch.nn.functional as F
 
         R, rnd = self.apply_round, self.round
-        x = self.x
-        wide_dtype = self.wide_dtype
-        if self.fp64_below and float(self._input_amax().min()) < self.fp64_below:
-            wide_dtype = torch.float64
         x_w = x.to(wide_dtype)
         pre_exact = F.linear(x_w, w.to(wide_dtype), None if b is None else b.to(wide_dtype))
-        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach()))
-        self.stats["pre"].add(layer, pre_exact, pre)
+        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach(), rows))
+        self.stats["pre"].add(layer, pre_exact, pre, rows)
         h = pre
         if self.norm != "none":
             h = R(_norm(self.norm, h), rnd, None)
         if self.fp64_below:  # bf16: activation tails (and their derivatives) reach below fp32's normals
             h = h.to(torch.float64)
-        post_exact = self._activation(h)
+        post_exact = self._activation(h, rows)
         if self.alpha is not None:
-            post_exact = x.to(wide_dtype) + self.alpha * R(post_exact, rnd, None)
-        post = R(post_exact, rnd, self._record_grad("grad", layer))
-        self.stats["post"].add(layer, post_exact, post)
-        self.x = post.to(self.wide_dtype) if post.dtype != self.wide_dtype else post
+            post_exact = x_w + self.alpha * R(post_exact, rnd, None)
+        post = R(post_exact, rnd, self._record_grad("grad", layer, rows))
+        self.stats["post"].add(layer, post_exact, post, rows)
+        return post.to(self.wide_dtype) if post.dtype != self.wide_dtype else post
 
     def _input_amax(self):
         """amax of each stacked case's current layer input."""
