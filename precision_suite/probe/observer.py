@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats import FORMATS, Format
-from .ops import float_tensors, is_cast, is_inplace, is_layer, op_name, scalars_finite
+from .ops import float_tensors, is_layer, leaves, op_kind, scalars_finite
 from .record import Recorder
 
 __all__ = ["Observer", "round_tensor"]
@@ -74,11 +74,10 @@ class Observer(TorchDispatchMode):
             self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
         return hook
 
-    def _claim_params(self, layer: int, args) -> None:
+    def _claim_params(self, layer: int, inputs: list) -> None:
         """The parameters this layer consumes (through views) that no earlier layer did; a layer
         keeps the gradient of its largest one."""
-        found = [p for t in float_tensors(args) for p in self.origin.get(t, ())]
-        new = [p for p in found if id(p) not in self.param_layer]
+        new = [p for t in inputs for p in self.origin.get(t, ()) if id(p) not in self.param_layer]
         for p in new:
             self.param_layer[id(p)] = (layer, p)
         if new and self.backward:
@@ -97,30 +96,32 @@ class Observer(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.pending:
             self.flush()
+        kind, inplace, name = op_kind(func)
         in_backward = torch._C._current_graph_task_id() != -1
+        flat = leaves(args, kwargs)
+        inputs = float_tensors(flat)
         snapshot = None
-        if not self.emulated and not in_backward and is_inplace(func) and isinstance(args[0], torch.Tensor):
+        if not self.emulated and not in_backward and inplace and inputs:
             snapshot = args[0].clone()  # the operand as it was, for the exact recompute
         out = func(*args, **kwargs)
         # autocast's cast of a parameter is bookkeeping: the op consuming the weight is the layer
-        if not is_layer(func, args, kwargs, out) or (is_cast(func) and args[0] in self.origin):
-            self._pass_through(func, args, kwargs, out, in_backward)
+        if not is_layer(kind, inputs, out) or (kind == "cast" and inputs[0] in self.origin):
+            self._pass_through(func, args, kwargs, out, in_backward, flat, inputs)
             return out
         if in_backward:
-            return self._round_gradients(func, out) if self.emulated else out
-        return self._forward_layer(func, args, kwargs, out, snapshot)
+            return self._round_gradients(out, inplace) if self.emulated else out
+        return self._forward_layer(func, args, kwargs, out, snapshot, kind, inplace, name, flat, inputs)
 
-    def _pass_through(self, func, args, kwargs, out, in_backward: bool) -> None:
+    def _pass_through(self, func, args, kwargs, out, in_backward: bool, flat: list, inputs: list) -> None:
         """A view, copy or constant: its output inherits what is known of its inputs."""
         if not isinstance(out, torch.Tensor):
             return
-        inputs = float_tensors((args, kwargs))
         if in_backward:
             if self.emulated and any(t in self.exact_of for t in inputs):
                 swap = lambda t: self.exact_of.get(t, t) if isinstance(t, torch.Tensor) else t  # noqa: E731
                 self.exact_of[out] = func(*tree_map(swap, args), **tree_map(swap, kwargs))
             return
-        self.finite_of[out] = all(self._finite(t) for t in inputs) and scalars_finite((args, kwargs))
+        self.finite_of[out] = all(self._finite(t) for t in inputs) and scalars_finite(flat)
         origins = tuple(p for t in inputs for p in self.origin.get(t, ()))
         if origins:
             self.origin[out] = origins
@@ -131,13 +132,13 @@ class Observer(TorchDispatchMode):
             known = self.finite_of[t] = bool(torch.isfinite(t).all())
         return known
 
-    def _round_gradients(self, func, out):
+    def _round_gradients(self, out, inplace: bool):
         """Emulated backward: round every floating output, remembering its exact value."""
         def rnd(t):
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                 return t
             r = round_tensor(t, self.fmt)
-            if is_inplace(func):
+            if inplace:
                 exact = t.clone()
                 t.copy_(r)
                 r = t
@@ -147,35 +148,35 @@ class Observer(TorchDispatchMode):
             return r
         return tuple(rnd(t) for t in out) if isinstance(out, (tuple, list)) else rnd(out)
 
-    def _forward_layer(self, func, args, kwargs, out, snapshot):
+    def _forward_layer(self, func, args, kwargs, out, snapshot, kind, inplace, name, flat, inputs):
         first = out[0] if isinstance(out, (tuple, list)) else out
-        inputs_finite = all(self._finite(t) for t in float_tensors((args, kwargs))) and scalars_finite((args, kwargs))
+        inputs_finite = all(self._finite(t) for t in inputs) and scalars_finite(flat)
         if self.emulated:
             fmt, exact = self.fmt, first
             rounded = round_tensor(first, fmt)
-            if is_inplace(func):
+            if inplace:
                 exact = first.clone()
                 first.copy_(rounded)
                 rounded = first
         else:
             fmt = _format_of(first.dtype)
-            exact, rounded = self._exact(func, args, kwargs, first, snapshot), first
-        layer = self.rec.add_layer(self.modules.current, op_name(func), exact, rounded, fmt,
+            exact, rounded = self._exact(func, args, kwargs, first, snapshot, kind), first
+        layer = self.rec.add_layer(self.modules.current, name, exact, rounded, fmt,
                                    native=not self.emulated, inputs_finite=inputs_finite)
         self.finite_of[rounded] = not self.rec.nonfinite[-1]
-        self._claim_params(layer, (args, kwargs))
+        self._claim_params(layer, inputs)
         if self.backward:
             self.pending.append((rounded, layer))
         if rounded is first:
             return out
         return (rounded, *out[1:]) if isinstance(out, (tuple, list)) else rounded
 
-    def _exact(self, func, args, kwargs, first, snapshot):
+    def _exact(self, func, args, kwargs, first, snapshot, kind: str):
         """autocast/native: the op recomputed in fp32 from its own operands upcast (exact upcast);
         a narrowing cast's exact value is its input; an fp32 output is its own exact value."""
         if first.dtype in (torch.float32, torch.float64):
             return first
-        if is_cast(func):
+        if kind == "cast":
             return args[0].float()
         if snapshot is not None:
             args = (snapshot, *args[1:])

@@ -9,9 +9,12 @@ only when it narrows (autocast's fp32 -> fp16 casts round; a widening cast is ex
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-__all__ = ["is_layer", "is_cast", "op_name", "is_inplace", "float_tensors", "scalars_finite"]
+__all__ = ["op_kind", "is_layer", "leaves", "float_tensors", "scalars_finite"]
 
 _aten = torch.ops.aten
 # ops whose outputs hold their inputs' values (or constants): never a layer, never rounded
@@ -28,51 +31,40 @@ _VALUE_PRESERVING = {
 }
 
 
-def float_tensors(tree) -> list:
-    """The floating-point tensors among an op's (flattened) arguments or outputs."""
+def leaves(args, kwargs) -> list:
+    """An op's arguments, flattened once (nested lists of tensors included)."""
     from torch.utils._pytree import tree_leaves
 
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return tree_leaves((args, kwargs))
 
 
-def scalars_finite(tree) -> bool:
-    """Are the op's float scalar arguments finite? (``masked_fill(x, m, -inf)`` gets its -inf here.)"""
-    import math
-
-    from torch.utils._pytree import tree_leaves
-
-    return all(math.isfinite(v) for v in tree_leaves(tree) if isinstance(v, float))
+def float_tensors(items) -> list:
+    """The floating-point tensors among flattened arguments or outputs."""
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def is_cast(func) -> bool:
-    return func.overloadpacket in (_aten._to_copy, _aten.to)
+def scalars_finite(items) -> bool:
+    """Are the float scalar arguments finite? (``masked_fill(x, m, -inf)`` gets its -inf here.)"""
+    return all(math.isfinite(v) for v in items if isinstance(v, float))
 
 
-def _narrowing_cast(func, args, kwargs, out) -> bool:
-    src = float_tensors(args)
-    return bool(src) and isinstance(out, torch.Tensor) and out.is_floating_point() \
-        and torch.finfo(out.dtype).bits < torch.finfo(src[0].dtype).bits
-
-
-def is_layer(func, args, kwargs, out) -> bool:
-    """A computing op with a floating input and a floating (first) output."""
-    first = out[0] if isinstance(out, (tuple, list)) and out else out
-    if not (isinstance(first, torch.Tensor) and first.is_floating_point()):
-        return False
-    if is_cast(func):
-        return _narrowing_cast(func, args, kwargs, first)
-    if func.is_view or func.overloadpacket in _VALUE_PRESERVING:
-        return False
-    return bool(float_tensors((args, kwargs)))
-
-
-def is_inplace(func) -> bool:
-    """``add_``, ``relu_``: the op writes its first argument (schema: it is mutable)."""
+@functools.lru_cache(maxsize=None)
+def op_kind(func) -> tuple[str, bool, str]:
+    """(kind, writes its first argument, name): kind ``cast``, ``passive`` (views, copies and
+    constants, never a layer) or ``compute``; ``add_``/``relu_`` write their first argument."""
     schema = func._schema
-    return bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+    inplace = bool(schema.arguments) and schema.arguments[0].alias_info is not None \
         and schema.arguments[0].alias_info.is_write
+    packet = func.overloadpacket
+    kind = "cast" if packet in (_aten._to_copy, _aten.to) else \
+        "passive" if func.is_view or packet in _VALUE_PRESERVING else "compute"
+    return kind, inplace, packet.__name__
 
 
-def op_name(func) -> str:
-    """``bmm``, ``addmm``, ``_softmax``, ``native_layer_norm``: the op's packet name."""
-    return func.overloadpacket.__name__
+def is_layer(kind: str, inputs: list, out) -> bool:
+    """A computing op (or a narrowing cast) with a floating input and a floating (first) output.
+    ``inputs``: the op's floating tensor arguments."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else out
+    if kind == "passive" or not inputs or not (isinstance(first, torch.Tensor) and first.is_floating_point()):
+        return False
+    return kind == "compute" or torch.finfo(first.dtype).bits < torch.finfo(inputs[0].dtype).bits

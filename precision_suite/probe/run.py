@@ -139,7 +139,7 @@ class Watch:
 
     def __init__(self, model, format: str = "fp16", mode: str = "autocast", *, device: str | None = None,
                  underflow_threshold: float = 0.01, loss_scale: float = 1.0, model_name: str | None = None,
-                 backward: bool = True, input_shape: str = "watched"):
+                 backward: bool = True, input_shape: str = "watched", stats: bool = True):
         self.fmt = _format(format)
         self.mode = _mode(mode, self.fmt)
         self.model, self.backward = model, backward
@@ -147,7 +147,7 @@ class Watch:
         self.threshold, self.loss_scale = underflow_threshold, loss_scale
         self.name = model_name or type(model).__name__
         self.input_shape = input_shape
-        self.recorder = Recorder(self.fmt, underflow_threshold)
+        self.recorder = Recorder(self.fmt, underflow_threshold, stats=stats)
         self._stack = contextlib.ExitStack()
         self._t0 = 0.0
         self.seconds = 0.0
@@ -238,31 +238,41 @@ def watch(model, format: str = "fp16", mode: str = "autocast", **options) -> Wat
 def probe_case(model, example_inputs, fmt_name: str, mode: str, *, backward: bool = True, loss_fn=None,
                device: str = "cpu", seed: int = 0, underflow_threshold: float = 0.01, loss_scale: float = 1.0,
                model_name: str | None = None) -> CaseResult:
-    """One format x mode of ``probe`` (validated inputs assumed)."""
+    """One format x mode of ``probe`` (inputs already checked by ``check_model``)."""
     fmt = _format(fmt_name)
     mode = _mode(mode, fmt)
-    args, kwargs = _as_args(example_inputs)
     t0 = time.perf_counter()
-    m, args, kwargs = _prepare(model, args, kwargs, fmt, mode, device, backward)
+    m, args, kwargs = prepare(model, example_inputs, fmt, mode, device, backward)
     w = Watch(m, fmt.name, mode, device=device, underflow_threshold=underflow_threshold, loss_scale=loss_scale,
               model_name=model_name or type(model).__name__, backward=backward, input_shape=_shape_label(args))
-    with torch.enable_grad() if backward else torch.no_grad(), w:
-        out = m(*args, **kwargs)
-        if backward:
-            if loss_fn is None:
-                tensors, grads = _seed_grads(out, seed, fmt, loss_scale)
-                w.observer.flush()
-                if tensors:
-                    torch.autograd.backward(tensors, grads)
-            else:
-                loss = loss_fn(out) * loss_scale
-                w.observer.flush()
-                loss.backward()
+    step(w, args, kwargs, seed=seed, loss_fn=loss_fn)
     result = w.result()
-    case = ProbeCase(**{**result.case.to_dict(), "seed": seed})
     from dataclasses import replace
 
-    return replace(result, case=case, seconds=time.perf_counter() - t0)
+    return replace(result, case=replace(result.case, seed=seed), seconds=time.perf_counter() - t0)
+
+
+def prepare(model, example_inputs, fmt, mode: str, device: str, backward: bool):
+    """(the case's model, args, kwargs): see ``_prepare``."""
+    args, kwargs = _as_args(example_inputs)
+    return _prepare(model, args, kwargs, fmt, mode, device, backward)
+
+
+def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
+    """One watched forward (and backward) of ``w.model`` on prepared inputs."""
+    with torch.enable_grad() if w.backward else torch.no_grad(), w:
+        out = w.model(*args, **kwargs)
+        if not w.backward:
+            return
+        if loss_fn is None:
+            tensors, grads = _seed_grads(out, seed, w.fmt, w.loss_scale)
+            w.observer.flush()
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        else:
+            loss = loss_fn(out) * w.loss_scale
+            w.observer.flush()
+            loss.backward()
 
 
 def probe(model, example_inputs, formats=("fp16", "bf16"), modes=("emulated", "autocast"), *, backward: bool = True,
