@@ -18,10 +18,11 @@ _EXPORTS = {
     "CaseResult": "results", "Results": "results", "load_results": "results", "merge_results": "results",
     "run_case": "runner", "run_matrix": "runner",
     "Case": "spec", "Matrix": "spec", "SpecError": "spec",
+    "probe": "probe.run", "watch": "probe.run", "ProbeError": "probe.case",
 }
 
 __all__ = ["__version__", "run_matrix", "run_case", "Case", "Matrix", "SpecError", "Results", "CaseResult",
-           "load_results", "merge_results", "Format", "FORMATS", "get_format"]
+           "load_results", "merge_results", "Format", "FORMATS", "get_format", "probe", "watch", "ProbeError"]
 
 
 def __getattr__(name: str):

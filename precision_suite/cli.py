@@ -122,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-mixed", action="store_true",
                        help="keep the later shard's result where two shards ran the same case differently")
 
+    prb = sub.add_parser("probe", help="probe your own nn.Module: per-op overflow/underflow, forward and backward",
+                         description="Run a model's forward and backward pass in each format and mode, op by op, "
+                                     "and write results.json and report.html (docs/probe.md). FACTORY is "
+                                     "package.module:function returning (model, example_inputs) or a model.")
+    prb.add_argument("factory", metavar="FACTORY")
+    src = prb.add_mutually_exclusive_group()
+    src.add_argument("--input-shape", metavar="SHAPE", help="a normal input of this shape, e.g. 8,128,512")
+    src.add_argument("--inputs", metavar="FILE.pt", help="example inputs saved with torch.save")
+    prb.add_argument("--formats", metavar="LIST", default="fp16,bf16", help="e.g. fp16,bf16,fp8_e4m3fn")
+    prb.add_argument("--modes", metavar="LIST", default="emulated,autocast", help="emulated,autocast,native")
+    prb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    prb.add_argument("--seed", type=int, default=0, help="seed of the drawn input and the backward seed gradient")
+    prb.add_argument("--underflow-threshold", type=float, default=0.01, metavar="FRAC")
+    prb.add_argument("--loss-scale", type=float, default=1.0, metavar="S")
+    prb.add_argument("--no-backward", action="store_true", help="forward pass only")
+    prb.add_argument("--out", metavar="DIR", default="reports", help="output directory (default: reports)")
+    prb.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
+    prb.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
+
     sub.add_parser("schema", help="print the JSON Schema of the results files (what compare, merge and report accept)")
     sub.add_parser("formats", help="print each format's limits from finfo")
     sub.add_parser("env", help="print this machine's environment fingerprint")
@@ -383,7 +402,27 @@ def _cmd_env(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "merge": _cmd_merge,
+def _cmd_probe(args) -> int:
+    """Bad input (factory, shapes, options) is a ProbeError -> one line, exit 2, nothing written."""
+    from .probe.factory import probe_command
+    from .spec import SpecError
+
+    try:
+        results = probe_command(args)
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    from .results import write_json_atomic
+
+    print(f"results: {write_json_atomic(json_path, results.to_dict())}")
+    html = _write_report(results, Path(args.html) if args.html else out / "report.html")
+    if html is not None:
+        print(f"report: {html}")
+    return 1 if any(c.status == "error" for c in results.cases) else 0
+
+
+_COMMANDS = {"run": _cmd_run, "probe": _cmd_probe, "report": _cmd_report, "compare": _cmd_compare, "merge": _cmd_merge,
              "schema": _cmd_schema, "formats": _cmd_formats, "env": _cmd_env}
 
 
