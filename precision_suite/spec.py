@@ -20,7 +20,7 @@ __all__ = ["Case", "Matrix", "SpecError", "split_list", "NORMS", "MODES", "BACKE
            "parse_device", "default_devices", "default_modes"]
 
 NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
-MODES = ("emulated", "native")
+MODES = ("emulated", "native", "autocast")  # autocast: the probe's machinery (probe.chain)
 BACKENDS = ("torch", "numpy")
 DEVICE_KINDS = ("cpu", "cuda", "mps")
 MAX_ELEMENTS = 2**31 - 1  # one activation tensor (batch x width) must be indexable
@@ -96,7 +96,8 @@ class Case:
     def group_key(self) -> tuple:
         """Cases with equal keys share input and weight draws (lsuv's rescale depends on the activation)."""
         lsuv_dep = self.activation if parse_init(self.init).data_dependent else None
-        return (self.init, self.seed, self.width, self.depth, self.batch, self.input, self.bias, lsuv_dep)
+        return (self.init, self.seed, self.width, self.depth, self.batch, self.input, self.bias, lsuv_dep,
+                self.mode == "autocast")
 
 
 def split_list(text: str) -> list[str]:

@@ -84,6 +84,10 @@ def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[Ca
     """Run one group. A unit that raises (setting up, in a layer, or finishing) is dropped: alone,
     its case is an error; stacked, its cases rerun one by one, so that only the case that raises
     is an error and the others get the results they get alone (bit-identical)."""
+    if cases[0].mode == "autocast":  # a group is all autocast or none (Case.group_key)
+        from ..probe.chain import run_autocast_chains
+
+        return run_autocast_chains(cases, backward=backward)
     done, seconds, raised = _run_units(cases, backward, rel_error)
     for unit_cases, error in raised:
         if len(unit_cases) == 1:
