@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import ml_dtypes as _mld
 import numpy as _np
 
-__all__ = ["Format", "FORMATS", "get_format", "format_names", "round_to_format", "round_fp64_to_fp32_odd"]
+__all__ = ["Format", "FORMATS", "ELEMENT_FORMATS", "get_format", "format_names", "round_to_format",
+           "round_fp64_to_fp32_odd"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,18 @@ class Format:
     eps: float
     has_inf: bool
     mantissa_bits: int
+    has_nan: bool = True  # fp6 and fp4 have no NaN encoding (ml_dtypes turns NaN into -0 there)
+    scaling: "object | None" = None  # a scaled format's recipe (``scaled.Scaling``); its limits are the storage's
+
+    @property
+    def emax(self) -> int:
+        """floor(log2(max)): the exponent of the largest binade (e4m3 8, e5m2 15, e2m3 2, e3m2 4, e2m1 2)."""
+        return math.frexp(self.max)[1] - 1
+
+    @property
+    def emin(self) -> int:
+        """log2(smallest_normal): the exponent of the smallest normal binade."""
+        return math.frexp(self.smallest_normal)[1] - 1
 
     @property
     def overflow_threshold(self) -> float:
@@ -93,7 +106,9 @@ class Format:
 
 def _from_finfo(name: str, dtype, torch_name: str, wide_name: str) -> Format:
     info = _mld.finfo(dtype) if dtype in _ML_DTYPES else _np.finfo(dtype)
-    inf_value = _np.array(_np.inf, dtype=_np.float64).astype(dtype)
+    with _np.errstate(invalid="ignore", over="ignore"):
+        inf_value = _np.array(_np.inf, dtype=_np.float64).astype(dtype)
+        nan_value = _np.array(_np.nan, dtype=_np.float64).astype(dtype)
     return Format(
         name=name,
         np_dtype=_np.dtype(dtype),
@@ -105,10 +120,12 @@ def _from_finfo(name: str, dtype, torch_name: str, wide_name: str) -> Format:
         eps=float(info.eps),
         has_inf=bool(_np.isinf(inf_value.astype(_np.float64))),
         mantissa_bits=int(info.nmant),
+        has_nan=bool(_np.isnan(nan_value.astype(_np.float64))),
     )
 
 
-_ML_DTYPES = (_mld.bfloat16, _mld.float8_e4m3fn, _mld.float8_e5m2)
+_ML_DTYPES = (_mld.bfloat16, _mld.float8_e4m3fn, _mld.float8_e5m2, _mld.float6_e2m3fn, _mld.float6_e3m2fn,
+              _mld.float4_e2m1fn, _mld.float8_e8m0fnu)
 
 FORMATS: dict[str, Format] = {
     f.name: f
@@ -119,6 +136,19 @@ FORMATS: dict[str, Format] = {
         _from_finfo("bf16", _mld.bfloat16, "bfloat16", "fp32"),
         _from_finfo("fp8_e4m3fn", _mld.float8_e4m3fn, "float8_e4m3fn", "fp32"),
         _from_finfo("fp8_e5m2", _mld.float8_e5m2, "float8_e5m2", "fp32"),
+    )
+}
+
+# the elements and scales of the scaled formats (``scaled``): not on the --formats axis themselves.
+# fp6/fp4 have no torch dtype (torch_name ""): the torch backend rounds to them arithmetically.
+ELEMENT_FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        FORMATS["fp8_e4m3fn"], FORMATS["fp8_e5m2"],
+        _from_finfo("fp6_e2m3", _mld.float6_e2m3fn, "", "fp32"),
+        _from_finfo("fp6_e3m2", _mld.float6_e3m2fn, "", "fp32"),
+        _from_finfo("fp4_e2m1", _mld.float4_e2m1fn, "", "fp32"),
+        _from_finfo("e8m0", _mld.float8_e8m0fnu, "float8_e8m0fnu", "fp32"),
     )
 }
 
@@ -137,12 +167,19 @@ def format_names() -> list[str]:
 
 
 def get_format(name: str) -> Format:
-    """Canonical format for a name or alias (case-insensitive); ValueError lists the valid names."""
+    """Canonical format for a name or alias (case-insensitive), or a scaled format such as
+    ``mxfp4(scale_rule=ceil)`` (``scaled.parse_scaled``: the storage format's limits under the
+    scaled name); ValueError lists the valid names."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in FORMATS:
-        raise ValueError(f"unknown format {name!r}; valid: {', '.join(FORMATS)} (aliases: {', '.join(_ALIASES)})")
-    return FORMATS[key]
+    if key in FORMATS:
+        return FORMATS[key]
+    from .scaled import SCALED_NAMES, parse_scaled
+
+    if key.split("(")[0].strip() in SCALED_NAMES:
+        return parse_scaled(key)
+    raise ValueError(f"unknown format {name!r}; valid: {', '.join(FORMATS)}, {', '.join(SCALED_NAMES)} "
+                     f"(aliases: {', '.join(_ALIASES)})")
 
 
 def round_fp64_to_fp32_odd(x: _np.ndarray) -> _np.ndarray:
@@ -172,6 +209,6 @@ def round_to_format(x, fmt: Format) -> _np.ndarray:
     """
     x = _np.asarray(x, dtype=_np.float64)
     with _np.errstate(over="ignore"):  # overflow to inf is the format's answer, not an accident
-        if fmt.name in ("fp64", "fp32", "fp16"):
+        if fmt.np_dtype in (_np.float64, _np.float32, _np.float16):
             return x.astype(fmt.np_dtype)
         return round_fp64_to_fp32_odd(x).astype(fmt.np_dtype)

@@ -410,7 +410,7 @@ def _rounder(fmt: Format):
     if not fmt.has_wider:
         return lambda x: x
     low = fmt.torch_dtype()
-    direct = fmt.name == "fp32"
+    direct = fmt.np_dtype == _np.float32
 
     def rnd(x):
         src = x if direct or x.dtype != torch.float64 else _fp64_to_fp32_odd(x)

@@ -1,0 +1,84 @@
+"""The numpy backend's own quantizers of the scaled formats: numpy + ml_dtypes, no torch.
+
+The same recipes as ``precision_suite.quantize`` (docs/scaled-formats.md), written independently:
+elements round with ml_dtypes' float32 -> element casts after the clamp (ml_dtypes turns fp4/fp6
+NaN into -0, so NaN is put back from the input), exponents come from ``numpy.frexp``, and blocks
+are cut with numpy reshapes. Returns (deq, q, scale) as float32 arrays like ``quantize.Quantized``.
+"""
+
+from __future__ import annotations
+
+import numpy as _np
+
+from ..formats import ELEMENT_FORMATS, Format
+from ..quantize import element_format
+
+__all__ = ["quantize_np"]
+
+_E4M3, _E8M0, _FP4 = ELEMENT_FORMATS["fp8_e4m3fn"], ELEMENT_FORMATS["e8m0"], ELEMENT_FORMATS["fp4_e2m1"]
+_F32 = _np.float32
+
+
+def _cast(v: _np.ndarray, elem: Format) -> _np.ndarray:
+    """Nearest-even float32 -> ``elem`` -> float32 for |v| <= max; NaN stays NaN."""
+    with _np.errstate(invalid="ignore"):
+        out = v.astype(elem.np_dtype).astype(_F32)
+    return _np.where(_np.isnan(v), _F32(_np.nan), out)
+
+
+def _blocks(x: _np.ndarray, block: int, tile: tuple | None, per_row: bool) -> tuple[_np.ndarray, tuple]:
+    """x -> [lead, blocks, elements] and what ``_unblock`` needs to put it back."""
+    if tile is not None:
+        (n, k), (tr, tc) = x.shape, tile
+        t = x.reshape(n // tr, tr, k // tc, tc).transpose(0, 2, 1, 3)
+        return _np.ascontiguousarray(t).reshape(1, -1, tr * tc), ("2d", n, k, tr, tc)
+    lead = x.shape[0] if per_row and x.ndim > 1 else 1
+    return x.reshape(lead, 1, -1) if block == 0 else x.reshape(lead, -1, block), ("flat", x.shape)
+
+
+def _unblock(b: _np.ndarray, how: tuple) -> _np.ndarray:
+    if how[0] == "2d":
+        _, n, k, tr, tc = how
+        return b.reshape(n // tr, k // tc, tr, tc).transpose(0, 2, 1, 3).reshape(n, k)
+    return b.reshape(how[1])
+
+
+@_np.errstate(all="ignore")
+def quantize_np(x: _np.ndarray, scaling, role: str, per_row: bool = True):
+    """(deq, q, scale [lead, blocks]) of float32 ``x`` quantized along its last dim."""
+    elem = element_format(scaling, role)
+    xb, how = _blocks(_np.asarray(x, dtype=_F32), scaling.block, scaling.weight_block if role == "weight" else None,
+                      per_row)
+    amax = _np.max(_np.abs(xb), axis=-1, keepdims=True)
+    lim = _F32(elem.max)
+    if scaling.family in ("tensor", "block"):
+        s = _np.where(amax == 0, _F32(1), lim / amax).astype(_F32)
+        s[_np.isinf(s)] = _np.nan
+        q = _cast(_np.clip(xb * s, -lim, lim), elem)
+        deq, scale = q / s, _F32(1) / s
+    elif scaling.family == "mx":
+        if scaling.rule == "floor":
+            e = _np.frexp(amax)[1] - 1 - elem.emax
+        else:
+            # the smallest e with amax <= max 2^e, compared exactly in float64 (no rounded ratio)
+            e = _np.ceil(_np.log2(_np.where(amax > 0, amax, 1).astype(_np.float64) / elem.max)).astype(_np.int64)
+            e = _np.where(_np.ldexp(elem.max, e - 1) >= amax, e - 1, e)
+            e = _np.where(_np.ldexp(elem.max, e) < amax, e + 1, e)
+        e = _np.where(amax == 0, _E8M0.emin, _np.clip(e, _E8M0.emin, _E8M0.emax))
+        q = _cast(_np.clip(xb * _np.ldexp(_F32(1), -e).astype(_F32), -lim, lim), elem)
+        scale = _np.ldexp(_F32(1), e).astype(_F32)
+        deq = q * scale
+    else:
+        t_amax = _np.max(_np.abs(xb), axis=(1, 2), keepdims=True)
+        big = _np.where(t_amax == 0, _F32(1), t_amax / _F32(_E4M3.max * _FP4.max)).astype(_F32)
+        big[big == 0] = _np.nan
+        bs = _cast(_np.minimum(amax / _F32(_FP4.max) / big, _F32(_E4M3.max)).astype(_F32), _E4M3)
+        zero = bs == 0
+        recip = ((_F32(1) / big) / bs).astype(_F32)
+        xs = _np.where(zero, _F32(0), xb * _np.where(zero, _F32(0), recip))
+        q = _cast(_np.clip(xs, -_F32(_FP4.max), _F32(_FP4.max)).astype(_F32), _FP4)
+        scale = (bs * big).astype(_F32)
+        deq = q * scale
+    bad = ~_np.isfinite(scale) | ~_np.isfinite(amax)
+    deq, q, scale = (_np.where(bad, _F32(_np.nan), a).astype(_F32) for a in (deq, q, scale))
+    return _unblock(deq, how), _unblock(q, how), scale.reshape(scale.shape[0], -1)
