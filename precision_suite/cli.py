@@ -149,46 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- config
 
-def _load_config(path: str | None) -> dict:
-    """Options from --config FILE, else from [tool.precision-suite] in ./pyproject.toml."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise UsageError(f"--config: file not found: {path}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"--config {path}: invalid TOML: {e}") from None
-        data = data.get("tool", {}).get("precision-suite", data)
-    else:
-        try:
-            with open("pyproject.toml", "rb") as f:
-                data = tomllib.load(f).get("tool", {}).get("precision-suite", {})
-        except (FileNotFoundError, tomllib.TOMLDecodeError):
-            data = {}
-    config = {}
-    valid = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale", "rel_error", "no_backward",
-                               "fail_on", "out", "json", "html", "threads", "jobs", "baseline"}
-    for key, value in data.items():
-        norm = key.replace("-", "_")
-        if norm not in valid:
-            raise UsageError(f"config: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
-        config[norm] = value
-    return config
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
 
 
 def _merged_options(args: argparse.Namespace) -> dict:
-    """command line beats config file beats defaults."""
-    options = _load_config(args.config)
-    for key, value in vars(args).items():
-        if value is not None and key not in ("command", "config"):
-            options[key] = value
-    return options
+    """``run``'s options: command line beats config file (``config``) beats defaults."""
+    from .config import ConfigError, merged_options, run_options
+
+    try:
+        return merged_options(args, run_options(_subcommand("run")._actions))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _parse_fail_on(value) -> list[str]:
