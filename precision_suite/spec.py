@@ -30,8 +30,41 @@ class SpecError(ValueError):
     """Bad user input: the message is one line naming the value and the valid choices."""
 
 
+class _StrictKeywords:
+    """``Case(widht=64)`` is a TypeError naming the valid fields (the dataclass's own names none)."""
+
+    def __new__(cls, *args, **kwargs):
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise TypeError(f"{cls.__name__}() got an unknown keyword {unknown[0]!r}; valid: {', '.join(valid)}")
+        return super().__new__(cls)
+
+
+_INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
+
+DEFAULTS = dict(
+    # xavier_normal is lecun_normal for square layers: the default keeps one of the two
+    inits=["normal", "lecun_normal", "kaiming_normal", "torch_default", "orthogonal",
+           "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
+    activations=["identity", "relu", "gelu", "tanh", "silu"],
+    formats=["fp32", "fp16", "bf16"],
+    backends=["torch"],
+    norms=["none"],
+    inputs=["normal"],
+    depth=[100],
+    width=[128],
+    batch=[64],
+    seed=[0],
+    residual=None,
+    bias=False,
+    underflow_threshold=0.01,
+    loss_scale=1.0,
+)
+
+
 @dataclass(frozen=True)
-class Case:
+class Case(_StrictKeywords):
     """One chain ``x_l = act(norm(x_{l-1} @ W_l.T + b_l)) [+ residual]`` in one format/device/mode."""
 
     init: str = "kaiming_normal"
@@ -39,20 +72,20 @@ class Case:
     format: str = "fp16"
     device: str = "cpu"
     mode: str = "emulated"
-    backend: str = "torch"
-    width: int = 128  # as DEFAULTS: run_case() ids match a CLI run's
-    depth: int = 100
-    batch: int = 64
-    seed: int = 0
-    input: str = "normal"
-    norm: str = "none"
-    residual: float | None = None
-    bias: bool = False
-    underflow_threshold: float = 0.01
-    loss_scale: float = 1.0
+    backend: str = DEFAULTS["backends"][0]
+    width: int = DEFAULTS["width"][0]  # the matrix's defaults: run_case() ids match a CLI run's
+    depth: int = DEFAULTS["depth"][0]
+    batch: int = DEFAULTS["batch"][0]
+    seed: int = DEFAULTS["seed"][0]
+    input: str = DEFAULTS["inputs"][0]
+    norm: str = DEFAULTS["norms"][0]
+    residual: float | None = DEFAULTS["residual"]
+    bias: bool = DEFAULTS["bias"]
+    underflow_threshold: float = DEFAULTS["underflow_threshold"]
+    loss_scale: float = DEFAULTS["loss_scale"]
 
     def __post_init__(self):
-        """Canonicalize names (aliases, parametric spellings) so equal cases have equal ids."""
+        """Canonicalize names (aliases, parametric spellings) so equal cases have equal ids; check every value."""
         canon = dict(
             init=_parse(self.init, parse_init).label,
             activation=_parse(self.activation, get_activation).name,
@@ -62,6 +95,9 @@ class Case:
             backend=_choice("backend", self.backend, BACKENDS),
             norm=_choice("norm", self.norm, NORMS),
             input=_parse(self.input, parse_input).label,
+            **{key: _ints(key, [getattr(self, key)], low, high)[0] for key, (low, high) in _INT_RANGES.items()},
+            **_scalars(residual=self.residual, bias=self.bias, underflow_threshold=self.underflow_threshold,
+                       loss_scale=self.loss_scale),
         )
         for key, value in canon.items():
             object.__setattr__(self, key, value)
@@ -79,9 +115,9 @@ class Case:
             parts.append("bias")
         if self.input != "normal":
             parts.append(f"in_{self.input}")
-        if self.underflow_threshold != 0.01:
+        if self.underflow_threshold != DEFAULTS["underflow_threshold"]:
             parts.append(f"thr{self.underflow_threshold:g}")
-        if self.loss_scale != 1.0:
+        if self.loss_scale != DEFAULTS["loss_scale"]:
             parts.append(f"ls{self.loss_scale:g}")
         return "-".join(parts)
 
@@ -176,26 +212,8 @@ def _parse(value: str, parser):
         raise SpecError(str(e)) from None
 
 
-_INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
-
-DEFAULTS = dict(
-    # xavier_normal is lecun_normal for square layers: the default keeps one of the two
-    inits=["normal", "lecun_normal", "kaiming_normal", "torch_default", "orthogonal",
-           "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
-    activations=["identity", "relu", "gelu", "tanh", "silu"],
-    formats=["fp32", "fp16", "bf16"],
-    backends=["torch"],
-    norms=["none"],
-    inputs=["normal"],
-    depth=[100],
-    width=[128],
-    batch=[64],
-    seed=[0],
-)
-
-
 @dataclass(frozen=True)
-class Matrix:
+class Matrix(_StrictKeywords):
     """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names."""
 
     inits: tuple = tuple(DEFAULTS["inits"])
@@ -210,10 +228,10 @@ class Matrix:
     width: tuple = tuple(DEFAULTS["width"])
     batch: tuple = tuple(DEFAULTS["batch"])
     seed: tuple = tuple(DEFAULTS["seed"])
-    residual: float | None = None
-    bias: bool = False
-    underflow_threshold: float = 0.01
-    loss_scale: float = 1.0
+    residual: float | None = DEFAULTS["residual"]
+    bias: bool = DEFAULTS["bias"]
+    underflow_threshold: float = DEFAULTS["underflow_threshold"]
+    loss_scale: float = DEFAULTS["loss_scale"]
 
     @classmethod
     def from_options(cls, **opts) -> "Matrix":
@@ -231,7 +249,10 @@ class Matrix:
                 return split_list(raw)
             if isinstance(raw, (int, float)):  # a single number from a config file or the API
                 return [str(raw)]
-            return [str(x) for x in raw]
+            values = [str(x) for x in raw]
+            if not values:
+                raise SpecError(f"--{key} is an empty list; give at least one value (precision-suite list shows them)")
+            return values
 
         kw: dict = {}
         if (v := items("inits")) is not None:
@@ -254,20 +275,8 @@ class Matrix:
         for key, (low, high) in _INT_RANGES.items():
             if (v := items(key)) is not None:
                 kw[key] = tuple(dict.fromkeys(_ints(key, v, low, high)))
-        if opts.get("residual") is not None:
-            kw["residual"] = _finite_float("residual", opts["residual"])
-        if opts.get("bias"):
-            kw["bias"] = True
-        if opts.get("underflow_threshold") is not None:
-            t = _finite_float("underflow-threshold", opts["underflow_threshold"])
-            if not 0 < t <= 1:
-                raise SpecError(f"--underflow-threshold must be in (0, 1], got {t}")
-            kw["underflow_threshold"] = t
-        if opts.get("loss_scale") is not None:
-            s = _finite_float("loss-scale", opts["loss_scale"])
-            if s <= 0:
-                raise SpecError(f"--loss-scale must be > 0, got {s}")
-            kw["loss_scale"] = s
+        kw.update(_scalars(**{k: opts[k] for k in ("residual", "bias", "underflow_threshold", "loss_scale")
+                              if opts.get(k) is not None}))
         matrix = cls(**kw)
         matrix.check_sizes()
         return matrix
@@ -291,8 +300,32 @@ class Matrix:
         return out
 
 
+def _scalars(**opts) -> dict:
+    """The single-valued options, checked: residual finite, bias a bool, threshold in (0, 1], loss scale > 0."""
+    out = {}
+    if opts.get("residual") is not None:
+        out["residual"] = _finite_float("residual", opts["residual"])
+    if "bias" in opts:
+        if not isinstance(opts["bias"], bool):
+            raise SpecError(f"--bias must be True or False, got {opts['bias']!r}")
+        out["bias"] = opts["bias"]
+    if "underflow_threshold" in opts:
+        t = _finite_float("underflow-threshold", opts["underflow_threshold"])
+        if not 0 < t <= 1:
+            raise SpecError(f"--underflow-threshold must be in (0, 1], got {t}")
+        out["underflow_threshold"] = t
+    if "loss_scale" in opts:
+        scale = _finite_float("loss-scale", opts["loss_scale"])
+        if scale <= 0:
+            raise SpecError(f"--loss-scale must be > 0, got {scale}")
+        out["loss_scale"] = scale
+    return out
+
+
 def _finite_float(name: str, value) -> float:
     try:
+        if isinstance(value, bool):
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
         raise SpecError(f"--{name} must be a number, got {value!r}") from None
