@@ -1,4 +1,4 @@
-"""Command line: ``precision-suite run | report | compare | merge | formats | env``.
+"""Command line: ``precision-suite run | probe | report | compare | merge | list | schema | formats | env``.
 
 Exit codes: 0 ok, 1 a check failed (``--fail-on``) or a case raised (every result is still
 written), 2 usage or bad input, or every case skipped (reasons on stderr, nothing written), 130
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a matrix of layer chains and write results.json (+ report.html)",
                          description="Run init x activation x format x device x mode chains; every axis is a "
                                      "comma list (commas inside parentheses do not split). A case that cannot run "
-                                     "here (no GPU, no kernel for the format) is skipped with the reason.")
+                                     "here (no GPU, no kernel for the format) is skipped with the reason. "
+                                     "`precision-suite list` prints every axis's valid values.")
     axes = run.add_argument_group("matrix axes (comma lists)")
     for name, example in (("inits", "kaiming_normal,normal(std=2.0)"), ("activations", "relu,gelu"),
                           ("formats", "fp16,bf16,fp8_e4m3fn"), ("devices", "cpu,cuda"),
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
     prb.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
 
+    sub.add_parser("list", help="print every axis's valid values and its default (what run's comma lists take)")
     sub.add_parser("schema", help="print the JSON Schema of the results files (what compare, merge and report accept)")
     sub.add_parser("formats", help="print each format's limits from finfo")
     sub.add_parser("env", help="print this machine's environment fingerprint")
@@ -357,6 +359,21 @@ def _cmd_formats(args) -> int:
     return 0
 
 
+def _cmd_list(args) -> int:
+    """Every axis of ``run``: its valid values (from the registries) and its default here."""
+    from .spec import DEFAULTS, axis_choices, default_devices, default_modes
+
+    devices = default_devices()
+    defaults = {**DEFAULTS, "devices": devices, "modes": default_modes(devices)}
+    print("run's axes (comma lists; commas inside parentheses do not split), their valid values and defaults:")
+    for axis, lines in axis_choices().items():
+        print(f"\n--{axis}")
+        for line in [*lines, f"default: {', '.join(map(str, defaults[axis]))}"]:
+            print(f"    {line}")
+    print(f"\n--fail-on\n    {', '.join(FAIL_ON_CHOICES)}\n    default: none")
+    return 0
+
+
 def _cmd_schema(args) -> int:
     import json
 
@@ -396,7 +413,7 @@ def _cmd_probe(args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "probe": _cmd_probe, "report": _cmd_report, "compare": _cmd_compare, "merge": _cmd_merge,
-             "schema": _cmd_schema, "formats": _cmd_formats, "env": _cmd_env}
+             "list": _cmd_list, "schema": _cmd_schema, "formats": _cmd_formats, "env": _cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from .formats import get_format
 from .inits import parse_init
 
 __all__ = ["Case", "Matrix", "SpecError", "split_list", "NORMS", "MODES", "BACKENDS", "DEFAULTS",
-           "parse_device", "default_devices", "default_modes"]
+           "parse_device", "default_devices", "default_modes", "axis_choices"]
 
 NORMS = ("none", "batchnorm", "layernorm", "rmsnorm")
 MODES = ("emulated", "native", "autocast")  # autocast: the probe's machinery (probe.chain)
@@ -332,3 +332,43 @@ def _finite_float(name: str, value) -> float:
     if not math.isfinite(v):
         raise SpecError(f"--{name} must be finite, got {value!r}")
     return v
+
+
+def _accepts(parse, text: str) -> bool:
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+def axis_choices() -> dict[str, list[str]]:
+    """Each ``run`` axis's valid values, read from the registries: ``{axis: [values, forms...]}``,
+    one string per line (``precision-suite list``). Parametric forms are the ones the parsers accept."""
+    from .activations import activation_names
+    from .draws import INPUT_NAMES, InputSpec
+    from .formats import _ALIASES, format_names
+    from .inits import _PARAMS, init_names
+    from .scaled import SCALE_RULES, SCALED_NAMES, STORAGES, parse_scaled
+
+    init_forms = [f"{name}({','.join(p + '=..' for p in params)})" for name, params in _PARAMS.items()]
+    gained = [n for n in init_names() if _accepts(parse_init, f"{n}(gain=1)")]
+    input_params = [f.name for f in dataclasses.fields(InputSpec) if f.name != "kind"]
+    input_forms = [f"{k}({','.join(p + '=..' for p in input_params)})" for k in INPUT_NAMES
+                   if _accepts(parse_input, f"{k}({','.join(p + '=1' for p in input_params)})")]
+    ruled = [n for n in SCALED_NAMES if _accepts(parse_scaled, f"{n}(scale_rule={SCALE_RULES[0]})")]
+    return {
+        "inits": [", ".join(init_names()),
+                  f"parametric: {', '.join(init_forms)}; NAME(gain=..) for {', '.join(gained)}"],
+        "activations": [", ".join(activation_names())],
+        "formats": [", ".join(format_names()),
+                    f"aliases: {', '.join(f'{a}={c}' for a, c in _ALIASES.items())}",
+                    f"scaled: {', '.join(SCALED_NAMES)}",
+                    f"  parameters: storage={'|'.join(STORAGES)}; scale_rule={'|'.join(SCALE_RULES)} for {', '.join(ruled)}"],
+        "devices": [", ".join(DEVICE_KINDS) + ", cuda:N"],
+        "modes": [", ".join(MODES)],
+        "backends": [", ".join(BACKENDS)],
+        "norms": [", ".join(NORMS)],
+        "inputs": [", ".join(INPUT_NAMES), f"parametric: {', '.join(input_forms)}"],
+        **{key: [f"integers {low}..{high}"] for key, (low, high) in _INT_RANGES.items()},
+    }
