@@ -247,9 +247,13 @@ class Results:
             environments, definitions = [d.get("environment", {})], _V1_DEFINITIONS
         else:
             environments, definitions = d["environments"], d["definitions"]
-        return cls(tuple(CaseResult.from_dict(c) for c in d["cases"]),
-                   tuple(_decode_tree(e) for e in environments), d.get("created", ""), d.get("tool_version", ""),
-                   dict(definitions))
+        cases = tuple(CaseResult.from_dict(c) for c in d["cases"])
+        for i, case in enumerate(cases):
+            if not 0 <= case.environment < max(len(environments), 1):
+                raise ResultsError(f"does not follow the results schema: cases[{i}].environment is {case.environment}, "
+                                   f"but the file has {len(environments)} environments")
+        return cls(cases, tuple(_decode_tree(e) for e in environments), d.get("created", ""),
+                   d.get("tool_version", ""), dict(definitions))
 
     def by_id(self) -> dict[str, CaseResult]:
         return {c.id: c for c in self.cases}
@@ -291,11 +295,16 @@ def _umask() -> int:
 
 
 def load_results(path: str | os.PathLike) -> Results:
+    """Read and validate a results file; anything wrong with it is a ResultsError in one line."""
+    if not isinstance(path, (str, os.PathLike)):  # open(3) would read file descriptor 3
+        raise TypeError(f"load_results: path must be a str or os.PathLike, got {type(path).__name__}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ResultsError(f"results file not found: {path}") from None
+    except OSError as e:  # a directory, no permission
+        raise ResultsError(f"cannot read results file {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ResultsError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -323,6 +332,8 @@ def merge_results(parts: list[Results], allow_mixed: bool = False) -> Results:
     then the later shard wins. Every part's environments are kept (identical ones once) and each
     case points at its own; parts must share their definitions (a version-1 file's underflow is not
     a version-2 one's), which ``allow_mixed`` cannot override."""
+    if isinstance(parts, (str, os.PathLike)) or not all(isinstance(p, Results) for p in parts):
+        raise TypeError("merge_results: parts must be a list of Results (load_results reads a file)")
     definitions = {str(p.definitions) for p in parts}
     if len(definitions) > 1:
         raise ResultsError(f"cannot merge results with different definitions ({', '.join(sorted(definitions))}): "
