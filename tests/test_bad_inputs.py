@@ -1,0 +1,221 @@
+"""Bad input, everywhere a user can give it: each entry of the table gives exit 2 (the CLI) or a
+typed exception (the API), one line that names the bad value and what is valid, no traceback, and
+nothing written: the working directory is exactly as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from precision_suite import Case, Matrix, SpecError, load_results, merge_results, run_case, run_matrix
+from precision_suite.cli import main
+from precision_suite.compare import CompareError, compare
+from precision_suite.config import ConfigError
+from precision_suite.results import ResultsError
+
+TINY = ["--inits", "normal", "--activations", "relu", "--formats", "fp16", "--depth", "3", "--width", "8",
+        "--batch", "2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A good results file and broken ones, in a folder each test copies into its own directory."""
+    folder = tmp_path_factory.mktemp("inputs")
+    good = run_matrix(inits="normal", activations="relu", formats="fp16", depth=[3], width=[8], batch=[2]).to_dict()
+    (folder / "good.json").write_text(json.dumps(good))
+    text = json.dumps(good)
+    (folder / "truncated.json").write_text(text[: len(text) // 2])
+    (folder / "garbage.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (folder / "other.json").write_text(json.dumps({"schema": "pytest-benchmark", "benchmarks": []}))
+    (folder / "list.json").write_text("[1, 2]")
+    for name, edit in {"newer.json": lambda d: d.update(schema_version=99),
+                       "status.json": lambda d: d["cases"][0].update(status="done"),
+                       "environment.json": lambda d: d["cases"][0].update(environment=4),
+                       "spec.json": lambda d: d["cases"][0]["spec"].update(format="fp12"),
+                       "nocases.json": lambda d: d.pop("cases")}.items():
+        broken = json.loads(text)
+        edit(broken)
+        (folder / name).write_text(json.dumps(broken))
+    (folder / "folder.json").mkdir()
+    return folder
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+# (id, files written into the working directory {name: text}, argv, what the one line must say)
+CLI = [
+    # run: every axis, every option
+    ("init", {}, ["run", "--inits", "gaussian"], "unknown init 'gaussian'; valid: normal, lecun_normal"),
+    ("init-param", {}, ["run", "--inits", "normal(stdd=2)"], "'stdd=2' is not one of mean=<number>, std=<number>"),
+    ("init-list", {}, ["run", "--inits", "normal,,relu"], "empty item in list 'normal,,relu'"),
+    ("init-paren", {}, ["run", "--inits", "normal(std=2"], "unbalanced '('"),
+    ("activation", {}, ["run", "--activations", "swish"], "unknown activation 'swish'; valid: identity, relu"),
+    ("format", {}, ["run", "--formats", "fp12"], "unknown format 'fp12'; valid: fp64, fp32, fp16"),
+    ("scaled-param", {}, ["run", "--formats", "mxfp4(scale_rule=round)"], "scale_rule='round'; valid: floor, ceil"),
+    ("device", {}, ["run", "--devices", "tpu"], "unknown device 'tpu'; valid: cpu, cuda, cuda:N, mps"),
+    ("mode", {}, ["run", "--modes", "fast"], "unknown mode 'fast'; valid: emulated, native, autocast"),
+    ("backend", {}, ["run", "--backends", "jax"], "unknown backend 'jax'; valid: torch, numpy"),
+    ("norm", {}, ["run", "--norms", "groupnorm"], "unknown norm 'groupnorm'; valid: none, batchnorm"),
+    ("input", {}, ["run", "--inputs", "shifted(mean=x)"], "malformed input 'shifted(mean=x)': expected shifted(mean="),
+    ("depth", {}, ["run", "--depth", "0"], "--depth must be between 1 and 100000, got 0"),
+    ("width", {}, ["run", "--width", "abc"], "--width must be an integer between 1 and 65536, got 'abc'"),
+    ("batch", {}, ["run", "--batch", "-1"], "--batch must be between 1 and 1048576, got -1"),
+    ("seed", {}, ["run", "--seed", "1.5"], "--seed must be an integer between 0 and"),
+    ("batchnorm-batch", {}, ["run", "--norms", "batchnorm", "--batch", "1"], "batchnorm needs --batch >= 2"),
+    ("threshold", {}, ["run", "--underflow-threshold", "2"], "--underflow-threshold must be in (0, 1], got 2.0"),
+    ("loss-scale", {}, ["run", "--loss-scale", "0"], "--loss-scale must be > 0, got 0.0"),
+    ("residual", {}, ["run", "--residual", "nan"], "--residual must be finite, got nan"),
+    ("residual-type", {}, ["run", "--residual", "x"], "argument --residual: invalid float value: 'x'"),
+    ("fail-on", {}, ["run", "--fail-on", "explode"], "--fail-on: unknown event 'explode'; valid: overflow, nan"),
+    ("jobs", {}, ["run", "--jobs", "0"], "--jobs must be a positive integer, got 0"),
+    ("threads", {}, ["run", "--threads", "0"], "--threads must be a positive integer, got 0"),
+    ("flag", {}, ["run", "--widht", "3"], "unrecognized arguments: --widht"),
+    ("memory", {}, ["run", "--width", "8192", "--depth", "100000"], "GiB available"),
+    ("baseline", {}, ["run", *TINY, "--baseline", "missing.json"], "results file not found: missing.json"),
+    ("config-missing", {}, ["run", "--config", "missing.toml"], "--config: file not found: missing.toml"),
+    # config: the file and pyproject.toml's section
+    ("pyproject-toml", {"pyproject.toml": "[tool.precision-suite\ndepth = 3\n"}, ["run"],
+     "pyproject.toml: invalid TOML: Expected ']' at the end of a table declaration"),
+    ("section-underscore", {"pyproject.toml": "[tool.precision_suite]\ndepth = 3\n"}, ["run"],
+     "section [tool.precision_suite] is not read; the section is [tool.precision-suite]"),
+    ("section-squashed", {"pyproject.toml": "[tool.precisionsuite]\ndepth = 3\n"}, ["run"],
+     "section [tool.precisionsuite] is not read"),
+    ("section-top", {"pyproject.toml": "[precision-suite]\ndepth = 3\n"}, ["run"],
+     "section [precision-suite] is not read; the section is [tool.precision-suite]"),
+    ("section-type", {"pyproject.toml": '[tool]\nprecision-suite = "fast"\n'}, ["run"],
+     "[tool.precision-suite] must be a table of options, got a string"),
+    ("config-key", {"pyproject.toml": "[tool.precision-suite]\nwidht = 3\n"}, ["run"],
+     "unknown option 'widht' (did you mean 'width'?); valid: activations, backends"),
+    ("config-bool", {"pyproject.toml": '[tool.precision-suite]\nbias = "yes"\n'}, ["run"],
+     "'bias' must be true or false, got 'yes' (a string)"),
+    ("config-int", {"pyproject.toml": "[tool.precision-suite]\njobs = 1.5\n"}, ["run"],
+     "'jobs' must be an integer, got 1.5 (a float)"),
+    ("config-list", {"pyproject.toml": "[tool.precision-suite]\ndepth = []\n"}, ["run"], "got [] (an empty array)"),
+    ("config-twice", {"pyproject.toml": '[tool.precision-suite]\nfail-on = "nan"\nfail_on = "zero"\n'}, ["run"],
+     "'fail_on' is set twice (as 'fail-on' and 'fail_on')"),
+    ("config-value", {"pyproject.toml": '[tool.precision-suite]\ninits = "gaussian"\n'}, ["run"],
+     "unknown init 'gaussian'"),
+    ("config-file-toml", {"c.toml": "depth = = 3\n"}, ["run", "--config", "c.toml"], "--config c.toml: invalid TOML"),
+    ("config-file-section", {"c.toml": "[tool.black]\nline-length = 9\n"}, ["run", "--config", "c.toml"],
+     "no [tool.precision-suite] section (it has [tool.black])"),
+    ("config-file-utf8", {"c.toml": b"depth = 3 # \xff\n"}, ["run", "--config", "c.toml"], "not UTF-8 text"),
+    # report, compare, merge: results files
+    ("report-missing", {}, ["report", "missing.json"], "results file not found: missing.json"),
+    ("report-truncated", {"truncated.json": None}, ["report", "truncated.json"], "truncated.json is not valid JSON"),
+    ("report-garbage", {"garbage.json": None}, ["report", "garbage.json"], "garbage.json is not valid JSON"),
+    ("report-other", {"other.json": None}, ["report", "other.json"],
+     "is not a precision-suite results file (its \"schema\" is 'pytest-benchmark'"),
+    ("report-list", {"list.json": None}, ["report", "list.json"], "not a precision-suite results file (top level is list)"),
+    ("report-newer", {"newer.json": None}, ["report", "newer.json"], "schema_version 99, newer than this tool reads"),
+    ("report-status", {"status.json": None}, ["report", "status.json"],
+     "cases[0].status: must be one of ['ok', 'error', 'skipped']"),
+    ("report-environment", {"environment.json": None}, ["report", "environment.json"],
+     "cases[0].environment is 4, but the file has 1 environments"),
+    ("report-spec", {"spec.json": None}, ["report", "spec.json"], "unknown format 'fp12'"),
+    ("report-nocases", {"nocases.json": None}, ["report", "nocases.json"], "must contain"),
+    ("report-folder", {"folder.json": None}, ["report", "folder.json"], "cannot read results file folder.json"),
+    ("report-baseline", {"good.json": None}, ["report", "good.json", "-o", "r.html", "--baseline", "status.json"],
+     "results file not found: status.json"),
+    ("compare-one", {"good.json": None}, ["compare", "good.json"], "compare needs BASELINE.json and CURRENT.json"),
+    ("compare-axis", {"good.json": None}, ["compare", "good.json", "good.json", "--across", "colour"],
+     "--across: unknown axis 'colour'; valid: device, mode, backend, format"),
+    ("compare-layers", {"good.json": None}, ["compare", "good.json", "good.json", "--layers", "-1"],
+     "--layers must be >= 0"),
+    ("compare-bits", {"good.json": None}, ["compare", "good.json", "good.json", "--bits", "x"],
+     "argument --bits: invalid float value: 'x'"),
+    ("compare-newer", {"good.json": None, "newer.json": None}, ["compare", "good.json", "newer.json", "--json", "d.json"],
+     "schema_version 99"),
+    ("merge-output", {"good.json": None}, ["merge", "good.json"], "the following arguments are required: -o/--output"),
+    ("merge-truncated", {"good.json": None, "truncated.json": None}, ["merge", "good.json", "truncated.json", "-o", "m.json"],
+     "truncated.json is not valid JSON"),
+    # the small commands
+    ("schema", {}, ["schema", "extra"], "unrecognized arguments: extra"),
+    ("formats", {}, ["formats", "--all"], "unrecognized arguments: --all"),
+    ("env", {}, ["env", "--json"], "unrecognized arguments: --json"),
+    ("list", {}, ["list", "inits"], "unrecognized arguments: inits"),
+    ("command", {}, ["runn"], "invalid choice: 'runn'"),
+    # probe
+    ("probe-form", {}, ["probe", "justaname"], "factory 'justaname' must be package.module:function"),
+    ("probe-module", {}, ["probe", "nosuchmod:make"], "cannot import 'nosuchmod' for factory 'nosuchmod:make'"),
+    ("probe-returns", {}, ["probe", "os:getcwd"], "factory 'os:getcwd' returned str; it must return a torch.nn.Module"),
+]
+
+
+@pytest.mark.parametrize("given,argv,needle", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
+def test_cli_bad_input(files, tmp_path, monkeypatch, capsys, given, argv, needle):
+    for name, text in given.items():
+        if text is None:
+            source = files / name
+            (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("precision-suite: error: "), err
+    assert "Traceback" not in err + out
+    assert _snapshot(tmp_path) == before
+
+
+# (id, the call, the exception type, what its one line must say)
+API = [
+    ("run_matrix-keyword", lambda: run_matrix(depht=5), TypeError, "unknown matrix option 'depht'; valid: inits,"),
+    ("run_matrix-width", lambda: run_matrix(widht=64), TypeError, "unknown matrix option 'widht'"),
+    ("run_matrix-value", lambda: run_matrix(formats="fp16", underflow_threshold=0), SpecError,
+     "--underflow-threshold must be in (0, 1], got 0.0"),
+    ("run_matrix-empty", lambda: run_matrix(inits=[]), SpecError, "--inits is an empty list"),
+    ("run_matrix-bias", lambda: run_matrix(bias="yes"), SpecError, "--bias must be True or False, got 'yes'"),
+    ("run_case-keyword", lambda: run_case(widht=64), TypeError, "Case() got an unknown keyword 'widht'; valid: init,"),
+    ("run_case-depth", lambda: run_case(depth=0), SpecError, "--depth must be between 1 and 100000, got 0"),
+    ("Case-format", lambda: Case(format="fp12"), SpecError, "unknown format 'fp12'"),
+    ("Case-width", lambda: Case(width=2.5), SpecError, "--width must be an integer between 1 and 65536, got 2.5"),
+    ("Case-threshold", lambda: Case(underflow_threshold=1.5), SpecError, "--underflow-threshold must be in (0, 1]"),
+    ("Matrix-keyword", lambda: Matrix(depht=3), TypeError, "Matrix() got an unknown keyword 'depht'; valid: inits,"),
+    ("Matrix-options", lambda: Matrix.from_options(modes="fast"), SpecError, "unknown mode 'fast'"),
+    ("load_results-fd", lambda: load_results(3), TypeError, "path must be a str or os.PathLike, got int"),
+    ("load_results-missing", lambda: load_results("missing.json"), ResultsError, "results file not found"),
+    ("merge_results-path", lambda: merge_results("good.json"), TypeError, "parts must be a list of Results"),
+    ("compare-across", lambda: compare(load_results("good.json"), load_results("good.json"), across="colour"),
+     CompareError, "unknown axis 'colour'"),
+]
+# entries whose handling lives outside the input layer, waiting for a fix there (strict: they flip when fixed)
+KNOWN = {"compare-across": pytest.mark.xfail(strict=True, raises=AttributeError,
+                                             reason="compare() checks across only in parse_across, the CLI's path: "
+                                                    "the API raises AttributeError ('Case' object has no attribute)")}
+
+
+@pytest.mark.parametrize("call,error,needle", [pytest.param(*c[1:], id=c[0], marks=KNOWN.get(c[0], ())) for c in API])
+def test_api_bad_input(files, tmp_path, monkeypatch, call, error, needle):
+    shutil.copy(files / "good.json", tmp_path / "good.json")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    with pytest.raises(error) as e:
+        call()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_table_covers_every_command_and_is_large():
+    """At least 40 bad inputs, and every CLI command is in the table."""
+    from precision_suite.cli import _COMMANDS
+
+    assert len(CLI) + len(API) >= 40
+    assert set(_COMMANDS) <= {argv[0] for _, _, argv, _ in CLI}
+
+
+def test_config_errors_are_the_one_config_type(tmp_path):
+    """The config module raises its own error, which the CLI turns into exit 2."""
+    from precision_suite.cli import _subcommand
+    from precision_suite.config import load_config, run_options
+
+    (tmp_path / "pyproject.toml").write_text("[tool.precision-suite]\nbatchh = 2\n")
+    with pytest.raises(ConfigError, match="unknown option 'batchh' \\(did you mean 'batch'\\?\\)"):
+        load_config(None, run_options(_subcommand("run")._actions), cwd=tmp_path)
