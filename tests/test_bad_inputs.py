@@ -173,6 +173,8 @@ API = [
      "--underflow-threshold must be in (0, 1], got 0.0"),
     ("run_matrix-empty", lambda: run_matrix(inits=[]), SpecError, "--inits is an empty list"),
     ("run_matrix-bias", lambda: run_matrix(bias="yes"), SpecError, "--bias must be True or False, got 'yes'"),
+    ("run_matrix-ignored", lambda: run_matrix(cases=[Case(depth=2)], depth=[5]), TypeError,
+     "axes (depth) go with neither matrix= nor cases="),
     ("run_case-keyword", lambda: run_case(widht=64), TypeError, "Case() got an unknown keyword 'widht'; valid: init,"),
     ("run_case-depth", lambda: run_case(depth=0), SpecError, "--depth must be between 1 and 100000, got 0"),
     ("Case-format", lambda: Case(format="fp12"), SpecError, "unknown format 'fp12'"),
