@@ -207,14 +207,25 @@ def _cmd_run(args) -> int:
     from .summary import summary_table
     from .verdicts import failed_checks
 
+    import signal
+
+    class _Terminated(KeyboardInterrupt):
+        """SIGTERM (CI timeouts, cancellations) takes the Ctrl-C path: finished cases kept, exit 128+15."""
+
+    def _on_term(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
     with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
         try:
             results = run_matrix(cases=cases, backward=backward, rel_error=bool(options.get("rel_error")),
                                  json_path=json_path, on_result=progress.update, threads=options.get("threads"),
                                  jobs=options.get("jobs"))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print(f"\ninterrupted: finished cases are kept in {json_path}", file=sys.stderr)
-            return 130
+            return 143 if isinstance(e, _Terminated) else 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print(summary_table(results))
     print(f"results: {json_path}")
     report = _write_report(results, html_path)
