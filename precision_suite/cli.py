@@ -223,6 +223,10 @@ def _cmd_run(args) -> int:
                                  jobs=options.get("jobs"))
         except KeyboardInterrupt as e:
             print(f"\ninterrupted: finished cases are kept in {json_path}", file=sys.stderr)
+            if json_path.exists():
+                report = _write_report(_load_for_report(str(json_path)), html_path)
+                if report:
+                    print(f"report of the finished cases: {report}", file=sys.stderr)
             return 143 if isinstance(e, _Terminated) else 130
         finally:
             signal.signal(signal.SIGTERM, previous)
