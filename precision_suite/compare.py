@@ -94,6 +94,8 @@ def parse_across(text: str) -> tuple[str, tuple[str, str] | None]:
 def compare(baseline: Results, current: Results, *, tolerances: Tolerances = Tolerances(), across: str | None = None,
             values: tuple[str, str] | None = None, strict_stats: bool = False) -> Comparison:
     """Diff ``current`` against ``baseline`` (the same Results twice with ``across`` for one file)."""
+    if across is not None and across not in ACROSS_AXES:
+        raise CompareError(f"across: unknown axis {across!r}; valid: {', '.join(ACROSS_AXES)}")
     if across is None:
         base, cur = baseline.by_id(), current.by_id()
         pairs = [(i, i) for i in cur if i in base]

@@ -188,13 +188,7 @@ API = [
     ("compare-across", lambda: compare(load_results("good.json"), load_results("good.json"), across="colour"),
      CompareError, "unknown axis 'colour'"),
 ]
-# entries whose handling lives outside the input layer, waiting for a fix there (strict: they flip when fixed)
-KNOWN = {"compare-across": pytest.mark.xfail(strict=True, raises=AttributeError,
-                                             reason="compare() checks across only in parse_across, the CLI's path: "
-                                                    "the API raises AttributeError ('Case' object has no attribute)")}
-
-
-@pytest.mark.parametrize("call,error,needle", [pytest.param(*c[1:], id=c[0], marks=KNOWN.get(c[0], ())) for c in API])
+@pytest.mark.parametrize("call,error,needle", [pytest.param(*c[1:], id=c[0]) for c in API])
 def test_api_bad_input(files, tmp_path, monkeypatch, call, error, needle):
     shutil.copy(files / "good.json", tmp_path / "good.json")
     monkeypatch.chdir(tmp_path)
