@@ -298,3 +298,10 @@ def test_cli_writes_results_and_report(tmp_path, monkeypatch, capsys):
     html = (tmp_path / "out" / "report.html").read_text()
     assert "0:addmm" in html or ":addmm" in html
     assert isinstance(res, Results)
+
+
+def test_scaled_formats_are_refused_until_the_probe_quantizes():
+    """A scaled format would otherwise run as its bf16 storage and report a verdict it never checked."""
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ProbeError, match="mxfp4 is a scaled format, which the probe does not run yet"):
+        probe(model, (torch.randn(2, 8),), formats=("mxfp4",), modes=("emulated",))

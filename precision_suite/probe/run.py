@@ -215,6 +215,9 @@ def _format(name: str):
         fmt = get_format(name)
     except ValueError as e:
         raise ProbeError(str(e)) from None
+    if fmt.scaling is not None:  # its quantizers exist; the probe does not quantize op inputs yet
+        raise ProbeError(f"{fmt.name} is a scaled format, which the probe does not run yet; probe formats: fp32, "
+                         "fp16, bf16, fp8_e4m3fn, fp8_e5m2")
     if not fmt.has_wider:
         raise ProbeError(f"{fmt.name} has no wider format to hold exact values; probe formats: fp32, fp16, bf16, "
                          "fp8_e4m3fn, fp8_e5m2")
