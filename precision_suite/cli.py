@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 a check failed (``--fail-on``) or a case raised (every result is still
 written), 2 usage or bad input, or every case skipped (reasons on stderr, nothing written), 130
-interrupted (finished cases are kept in the JSON). ``--help`` imports no torch.
+interrupted (143: by SIGTERM; finished cases are kept in the JSON and its journal, and ``run
+--resume`` finishes the run). ``--help`` imports no torch.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _EPILOG = """exit codes:
   1    a --fail-on check failed, a case raised an error (all results are still written),
        or an event moved against --baseline (compare: against BASELINE)
   2    usage or bad input, or every case was skipped (nothing is written)
-  130  interrupted (finished cases are kept in the results JSON)
+  130  interrupted by Ctrl-C, 143 by SIGTERM (finished cases are kept in the results JSON and
+       its journal; `run ... --resume` runs only the rest)
 
 definitions of every event and statistic: docs/definitions.md"""
 
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="processes that run the matrix side by side, each with --threads threads (default: one "
                            "per core, as memory allows; 1: everything in this process)")
     opts.add_argument("--quiet", "-q", action="store_true", help="no progress, summary only")
+    opts.add_argument("--resume", action="store_true", default=None,
+                      help="finish an interrupted run: keep the cases its journal (JSON.journal beside the results) "
+                           "holds and run only the rest; the arguments must be the interrupted run's")
 
     report = sub.add_parser("report", help="render the HTML report of a results file",
                             description="Render one self-contained HTML report (no network) from a results "
@@ -202,8 +207,9 @@ def _cmd_run(args) -> int:
     _refuse_all_skipped(cases)
     baseline = None if options.get("baseline") is None else _load_for_report(str(options["baseline"]))
 
+    from .journal import JournalError, journal_path
     from .progress import Progress
-    from .runner import run_matrix
+    from .runner import RunInterrupted, run_matrix
     from .summary import summary_table
     from .verdicts import failed_checks
 
@@ -215,35 +221,80 @@ def _cmd_run(args) -> int:
     def _on_term(signum, frame):
         raise _Terminated()
 
+    resume = bool(options.get("resume"))
+    journal = journal_path(json_path)
+    if resume and not journal.exists():
+        print(f"--resume: no interrupted run at {journal}; running every case", file=sys.stderr)
+    elif not resume and journal.exists():
+        print(f"starting over: {journal} of an interrupted run is replaced (--resume would finish that run)",
+              file=sys.stderr)
+    results = None
     previous = signal.signal(signal.SIGTERM, _on_term)
-    with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
+    try:
+        with Progress(len(cases), enabled=not options.get("quiet", False)) as progress:
+            try:
+                results = run_matrix(cases=cases, backward=backward, rel_error=bool(options.get("rel_error")),
+                                     json_path=json_path, resume=resume, on_result=progress.update,
+                                     on_restored=progress.restore, threads=options.get("threads"),
+                                     jobs=options.get("jobs"))
+            except JournalError as e:
+                raise UsageError(str(e)) from None
+        print(summary_table(results))
+        print(f"results: {json_path}")
+        report = _write_report(results, html_path)
+        if report:
+            print(f"report:  {report}")
+        errors = [r for r in results.cases if r.status == "error"]
+        for r in errors:  # always reported (and exit 1), so `--fail-on error` adds nothing here
+            print(f"ERROR {r.id}: {r.error}", file=sys.stderr)
+        failed = failed_checks(results, [item for item in fail_on if item != "error"])
+        for line in failed:
+            print(f"FAIL {line}", file=sys.stderr)
+        regressed = baseline is not None and _print_comparison(baseline, results, argparse.Namespace(
+            across=None, layers=0, bits=0.25, fraction=0.01, strict_stats=False, json=None)) == 1
+        return 1 if errors or failed or regressed else 0
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e.__cause__ or e, _Terminated) else 130
+        if isinstance(e, RunInterrupted):
+            _report_interrupt(e, len(cases), json_path, html_path, _resume_command(args))
+        elif results is None:  # a second interrupt while the first one's cases were being saved
+            print(f"\ninterrupted: finished cases are in {journal}; resume with:\n  {_resume_command(args)}",
+                  file=sys.stderr)
+        else:
+            print(f"\ninterrupted after the run: the results are complete in {json_path}; "
+                  f"`precision-suite report {json_path}` renders the report", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_interrupt(interrupt, total: int, json_path: Path, html_path: Path, resume_command: str) -> None:
+    """What an interrupted run saved, the report of its finished cases, and how to finish it."""
+    ran = sum(r.status != "skipped" for r in interrupt.results.cases)
+    print(f"\ninterrupted: {ran} of {total} cases finished, saved in {json_path} and its journal "
+          f"{interrupt.journal}", file=sys.stderr)
+    if interrupt.results.cases:
         try:
-            results = run_matrix(cases=cases, backward=backward, rel_error=bool(options.get("rel_error")),
-                                 json_path=json_path, on_result=progress.update, threads=options.get("threads"),
-                                 jobs=options.get("jobs"))
-        except KeyboardInterrupt as e:
-            print(f"\ninterrupted: finished cases are kept in {json_path}", file=sys.stderr)
-            if json_path.exists():
-                report = _write_report(_load_for_report(str(json_path)), html_path)
-                if report:
-                    print(f"report of the finished cases: {report}", file=sys.stderr)
-            return 143 if isinstance(e, _Terminated) else 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    print(summary_table(results))
-    print(f"results: {json_path}")
-    report = _write_report(results, html_path)
-    if report:
-        print(f"report:  {report}")
-    errors = [r for r in results.cases if r.status == "error"]
-    for r in errors:  # always reported (and exit 1), so `--fail-on error` adds nothing here
-        print(f"ERROR {r.id}: {r.error}", file=sys.stderr)
-    failed = failed_checks(results, [item for item in fail_on if item != "error"])
-    for line in failed:
-        print(f"FAIL {line}", file=sys.stderr)
-    regressed = baseline is not None and _print_comparison(baseline, results, argparse.Namespace(
-        across=None, layers=0, bits=0.25, fraction=0.01, strict_stats=False, json=None)) == 1
-    return 1 if errors or failed or regressed else 0
+            report = _write_report(interrupt.results, html_path)
+        except KeyboardInterrupt:  # interrupted again: the JSON and journal are already safe
+            report = None
+        if report:
+            print(f"report of the finished cases: {report}", file=sys.stderr)
+    print(f"resume with:\n  {resume_command}", file=sys.stderr)
+
+
+def _resume_command(args) -> str:
+    """The command line of this run (as parsed: every option given, none from a config file) + --resume."""
+    import shlex
+
+    words = ["precision-suite", "run"]
+    for action in _subcommand("run")._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or action.dest in ("help", "resume") or value in (None, False):
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        words += [flag] if action.nargs == 0 else [flag, str(value)]
+    return shlex.join([*words, "--resume"])
 
 
 def _print_comparison(baseline, current, args) -> int:

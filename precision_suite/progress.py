@@ -9,7 +9,8 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """``update(result)`` after each finished case; a context manager that closes the bar."""
+    """``update(result)`` after each finished case, ``restore(results)`` for the cases a resumed
+    run read back from its journal; a context manager that closes the bar."""
 
     def __init__(self, total: int, enabled: bool = True, stream=None):
         self.total, self.enabled = total, enabled
@@ -21,6 +22,16 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit="case", file=self.stream, dynamic_ncols=True)
+
+    def restore(self, results) -> None:
+        self.done += len(results)
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(len(results))
+            return
+        print(f"[{self.done}/{self.total}] resumed: {len(results)} finished cases read back from the journal",
+              file=self.stream, flush=True)
 
     def update(self, result) -> None:
         self.done += 1

@@ -1,4 +1,4 @@
-"""Run a matrix: cases -> engine -> ``Results``, with progress and checkpoints that survive interrupts.
+"""Run a matrix: cases -> engine -> ``Results``, with progress and a journal that survives interrupts.
 
 ``run_matrix`` is the one entry point the CLI, the pytest plugin and notebooks share.
 """
@@ -6,20 +6,32 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import multiprocessing
 import os
-import time
+from pathlib import Path
 from typing import Callable
 
 from .environment import fingerprint, resolve_threads
 from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
-CHECKPOINT_SECONDS = 5.0  # a crash loses at most this much finished work; an interrupt loses none
 WORKER_MIN_SECONDS = 3.0  # estimated work below which a run stays in one process
 
-__all__ = ["run_matrix", "run_case", "check_memory", "estimate_case_bytes", "estimated_seconds",
-           "default_jobs"]
+__all__ = ["run_matrix", "run_case", "RunInterrupted", "check_memory", "estimate_case_bytes",
+           "estimated_seconds", "default_jobs"]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, where the caller turns it into KeyboardInterrupt) stopped a run.
+    ``results``: the cases that finished (also written to ``json_path`` when one was given);
+    ``journal``: the file ``run_matrix(..., resume=True)`` finishes the run from, or None.
+    The original interrupt is ``__cause__``."""
+
+    def __init__(self, results: Results, journal: Path | None):
+        super().__init__(f"interrupted after {len(results.cases)} cases")
+        self.results, self.journal = results, journal
 
 
 def _available_memory() -> int:
@@ -120,6 +132,10 @@ def default_jobs(units: list[list[Case]], backward: bool) -> int:
 
 def _run_unit(unit: list[Case], backward: bool, rel_error: bool) -> list[CaseResult]:
     from .engine import run_cases
+    from .journal import kill_point
+
+    if multiprocessing.parent_process() is None:  # the test hook names the run's own process, not a worker
+        kill_point("unit")
 
     return run_cases(unit, backward=backward, rel_error=rel_error)
 
@@ -132,8 +148,9 @@ def _process_settings(threads: int | None):
 
 
 def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
-               rel_error: bool = False, json_path: str | os.PathLike | None = None,
-               on_result: Callable[[CaseResult], None] | None = None, threads: int | None = None,
+               rel_error: bool = False, json_path: str | os.PathLike | None = None, resume: bool = False,
+               on_result: Callable[[CaseResult], None] | None = None,
+               on_restored: Callable[[list[CaseResult]], None] | None = None, threads: int | None = None,
                jobs: int | None = 1, **axes) -> Results:
     """Run a matrix (or an explicit case list) and return its Results.
 
@@ -143,68 +160,102 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     are spawned and import the calling script, so a script that asks for jobs > 1 needs the usual
     ``if __name__ == "__main__":`` guard.
     ``axes`` are Matrix options as in the CLI (``inits="normal,kaiming_normal", depth=[50, 100]``).
-    With ``json_path`` the results so far are written atomically between units (at most every
-    CHECKPOINT_SECONDS, and at once on Ctrl-C), so an interrupted run keeps every finished case
-    and the file is never half-written.
+    With ``json_path`` every finished case is journaled beside it as it comes (``journal``), the
+    results are written atomically at the end and the journal removed. ``resume=True`` reads an
+    interrupted run's journal back (``on_restored`` gets those cases) and runs only the cases it
+    lacks; the journal must be of the same cases and passes (else ``JournalError``). An interrupt
+    writes the finished cases to ``json_path`` and raises ``RunInterrupted``.
+    ``on_result`` is called with each case run now, as it finishes.
     """
     from .engine import split_units
     from .engine.support import skip_reason
+    from .journal import Journal, journal_path, kill_point, run_identity
     from .workers import run_units
 
-    if axes and (cases is not None or matrix is not None):  # they would be ignored silently
-        raise TypeError(f"run_matrix: axes ({', '.join(sorted(axes))}) go with neither matrix= nor cases=; "
-                        "give one of the three")
     if cases is None:
         matrix = matrix if matrix is not None else Matrix.from_options(**axes)
         cases = matrix.cases()
+    if resume and json_path is None:
+        raise TypeError("run_matrix: resume=True needs json_path (the journal lives beside the results)")
     env = fingerprint(threads)
-    finished: list[CaseResult] = []
-    runnable = []
-    for c in cases:
-        reason = skip_reason(c)
-        if reason:
-            finished.append(CaseResult(c, status="skipped", skip_reason=reason))
-        else:
-            runnable.append(c)
-
-    last_checkpoint = [time.monotonic()]
-
-    def checkpoint(force: bool = False):
-        """Write the finished cases; between units at most every CHECKPOINT_SECONDS."""
-        if json_path is None or not (force or time.monotonic() - last_checkpoint[0] >= CHECKPOINT_SECONDS):
-            return
-        write_json_atomic(json_path, Results(tuple(finished), env).to_dict())
-        last_checkpoint[0] = time.monotonic()
+    environments, created, journal = [env], None, None
+    skipped, journaled, lost = [], [], []  # lost: units whose worker died; not journaled, so a resume reruns them
 
     def record(result: CaseResult):
-        finished.append(result)
+        if journal is not None:
+            journal.record(result.to_dict())
+        journaled.append(result)
         if on_result is not None:
             on_result(result)
 
     def unit_done(unit: list[Case], results: list[CaseResult]):
         for result in results:
-            record(result)
-        checkpoint()
+            record(dataclasses.replace(result, environment=env_index))
+        if journal is not None:
+            journal.sync()
 
     def unit_failed(unit: list[Case], message: str):
-        unit_done(unit, [CaseResult(c, status="error", error=message) for c in unit])
+        for c in unit:
+            lost.append(CaseResult(c, status="error", error=message, environment=env_index))
+            if on_result is not None:
+                on_result(lost[-1])
 
-    units = sorted(split_units(runnable), key=lambda u: -sum(estimated_seconds(c, backward) for c in u))
+    def results_of(finished: list[CaseResult]) -> Results:
+        order = {c.id: i for i, c in enumerate(cases)}
+        kept = Results(tuple(sorted(finished, key=lambda r: order[r.id])), tuple(environments))
+        return kept if created is None else dataclasses.replace(kept, created=created)
+
     threads = resolve_threads(threads)
-    with _process_settings(threads):
-        try:
+    try:
+        env_index = 0
+        if json_path is not None:
+            journal = Journal.start(journal_path(json_path), run_identity(cases, backward, rel_error), resume)
+            env_index, environments, created = journal.environment_index(env), journal.environments, journal.created
+            restored = _restored(journal)
+            journaled.extend(restored)
+            if restored and on_restored is not None:
+                on_restored(restored)
+        done = {r.id for r in journaled}
+        runnable = []
+        for c in cases:
+            reason = None if c.id in done else skip_reason(c)
+            if reason:
+                skipped.append(CaseResult(c, status="skipped", skip_reason=reason, environment=env_index))
+            elif c.id not in done:
+                runnable.append(c)
+        units = sorted(split_units(runnable), key=lambda u: -sum(estimated_seconds(c, backward) for c in u))
+        with _process_settings(threads):
             run_units(units, functools.partial(_run_unit, backward=backward, rel_error=rel_error),
                       jobs=default_jobs(units, backward) if jobs is None else jobs, on_done=unit_done,
                       on_failed=unit_failed, worker_setup=functools.partial(_process_settings, threads),
                       local=lambda unit: unit[0].device != "cpu")
-        except KeyboardInterrupt:
-            checkpoint(force=True)
-            raise
-    order = {c.id: i for i, c in enumerate(cases)}
-    results = Results(tuple(sorted(finished, key=lambda r: order[r.id])), env)
-    if json_path is not None:
-        write_json_atomic(json_path, results.to_dict())
+        results = results_of(journaled + skipped + lost)
+        if json_path is not None:
+            kill_point("final-write")
+            write_json_atomic(json_path, results.to_dict())
+            kill_point("results-written")
+            journal.remove()
+    except KeyboardInterrupt as exc:
+        partial = results_of(journaled + skipped)
+        if journal is not None:
+            journal.close()
+            write_json_atomic(json_path, partial.to_dict())
+        raise RunInterrupted(partial, journal and journal.path) from exc
+    finally:
+        if journal is not None:
+            journal.close()
     return results
+
+
+def _restored(journal) -> list[CaseResult]:
+    """The journal's cases as results (its own writing: a case that does not read back is damage)."""
+    from .journal import JournalError
+
+    try:
+        return [CaseResult.from_dict(d) for d in journal.restored.values()]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise JournalError(f"journal {journal.path} holds a case that does not read back ({type(e).__name__}: {e}); "
+                           f"run again without --resume to start over") from None
 
 
 def run_case(case: Case | None = None, *, backward: bool = True, rel_error: bool = False, **fields) -> CaseResult:
