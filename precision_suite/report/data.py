@@ -24,6 +24,7 @@ from ..spec import Case
 from ..stats import EVENT_NAMES
 from ..summary import describe_case_failure, describe_failure
 from ..verdicts import TheoryVerdict, backend_disagreements, count_cases, layers_survived, theory_verdict
+from .probe_view import probe_view
 
 __all__ = ["diff_results", "headroom", "report_data"]
 
@@ -324,7 +325,8 @@ def _case_view(index: int, r: CaseResult, environments: tuple) -> dict:
     c = r.case
     fwd_theory = theory_verdict(r.theory, "forward")
     bwd_theory = theory_verdict(r.theory, "backward")
-    spec = _spec_rows(c) + ([("ran on", _machine(environments, r.environment))] if len(environments) > 1 else [])
+    rows = c.spec_rows() if hasattr(c, "spec_rows") else _spec_rows(c)  # a probe case describes itself
+    spec = rows + ([("ran on", _machine(environments, r.environment))] if len(environments) > 1 else [])
     v = {"index": index, "id": r.id, "anchor": _anchor(r.id), "status": r.status, "error": r.error,
          "skip_reason": r.skip_reason, "seconds": f"{r.seconds:.2f}", "spec": spec,
          "format": _format_view(c.format), "theory": _theory_view(fwd_theory), "theory_backward": _theory_view(bwd_theory),
@@ -350,6 +352,7 @@ def _case_view(index: int, r: CaseResult, environments: tuple) -> dict:
         v["headroom_backward"] = headroom({"grad": r.backward.grad, "grad_pre": r.backward.grad_pre,
                                            "wgrad": r.backward.wgrad}, c.format)
     v["loss_scale"] = _loss_scale_view(r.backward, c)
+    v["probe"] = probe_view(r)
     return v
 
 
