@@ -31,7 +31,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["JOURNAL", "JournalError", "Journal", "journal_path", "run_identity", "kill_point"]
+__all__ = ["JOURNAL", "JournalError", "Journal", "journal_path", "run_identity", "kill_point", "timeless"]
 
 JOURNAL = "precision-suite/journal"
 _VERSION = 1
@@ -46,6 +46,15 @@ def journal_path(json_path: str | os.PathLike) -> Path:
     """``reports/results.json`` -> ``reports/results.json.journal``."""
     json_path = Path(json_path)
     return json_path.with_name(json_path.name + ".journal")
+
+
+def timeless(payload: dict) -> dict:
+    """A results payload without its timing fields — the top level's ``created`` and each case's
+    ``seconds``, nothing else: what a resumed run's results share, bit for bit, with an
+    uninterrupted run's."""
+    out = {k: v for k, v in payload.items() if k != "created"}
+    out["cases"] = [{k: v for k, v in case.items() if k != "seconds"} for case in payload["cases"]]
+    return out
 
 
 def run_identity(cases, backward: bool, rel_error: bool) -> dict:
@@ -97,8 +106,8 @@ class Journal:
         existing journal is read back and must be this run's (else ``JournalError``); without
         it, or when there is none, a new one replaces whatever was there."""
         path = Path(path)
-        if resume and path.exists():
-            journal = cls._read(path, identity)
+        journal = cls._read(path, identity) if resume and path.exists() else None
+        if journal is not None:
             journal._file = open(path, "a", encoding="utf-8")
             return journal
         journal = cls(path, identity, _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -114,7 +123,8 @@ class Journal:
         return journal
 
     @classmethod
-    def _read(cls, path: Path, identity: dict) -> "Journal":
+    def _read(cls, path: Path, identity: dict) -> "Journal | None":
+        """The journal at ``path``; None when not even its header was written whole."""
         from . import __version__
 
         with open(path, "rb") as f:
@@ -134,7 +144,9 @@ class Journal:
         if good_end < len(data):  # cut the torn line off, so the next append starts a line of its own
             with open(path, "r+b") as f:
                 f.truncate(good_end)
-        if not docs or not isinstance(docs[0], dict) or docs[0].get("journal") != JOURNAL:
+        if not docs:
+            return None
+        if not isinstance(docs[0], dict) or docs[0].get("journal") != JOURNAL:
             raise JournalError(f"{path} is not a precision-suite journal; run again without --resume to start over")
         header = docs[0]
         if header.get("version") != _VERSION or header.get("tool_version") != __version__:
@@ -146,11 +158,14 @@ class Journal:
             raise JournalError(f"--resume: the interrupted run in {path} had other arguments ({difference}); "
                                f"resume with the same arguments, or run without --resume to start over")
         journal = cls(path, identity, header.get("created", ""))
-        for doc in docs[1:]:
-            if "environment" in doc:
+        for number, doc in enumerate(docs[1:], 2):
+            if isinstance(doc, dict) and isinstance(doc.get("environment"), dict):
                 journal.environments.append(doc["environment"])
-            elif "case" in doc:
+            elif isinstance(doc, dict) and isinstance(doc.get("case"), dict) and "id" in doc["case"]:
                 journal.restored[doc["case"]["id"]] = doc["case"]
+            else:
+                raise JournalError(f"journal {path} is damaged at line {number} (neither a case nor an environment); "
+                                   f"run again without --resume to start over")
         return journal
 
     def environment_index(self, env: dict) -> int:

@@ -211,7 +211,7 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         if json_path is not None:
             journal = Journal.start(journal_path(json_path), run_identity(cases, backward, rel_error), resume)
             env_index, environments, created = journal.environment_index(env), journal.environments, journal.created
-            restored = _restored(journal)
+            restored = _restored(journal, cases)
             journaled.extend(restored)
             if restored and on_restored is not None:
                 on_restored(restored)
@@ -247,15 +247,23 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     return results
 
 
-def _restored(journal) -> list[CaseResult]:
-    """The journal's cases as results (its own writing: a case that does not read back is damage)."""
+def _restored(journal, cases: list[Case]) -> list[CaseResult]:
+    """The journal's cases as results (its own writing: a case that does not read back, or is not
+    one of the run's, is damage)."""
     from .journal import JournalError
 
+    ids = {c.id for c in cases}
     try:
-        return [CaseResult.from_dict(d) for d in journal.restored.values()]
+        restored = [CaseResult.from_dict(d) for d in journal.restored.values()]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise JournalError(f"journal {journal.path} holds a case that does not read back ({type(e).__name__}: {e}); "
-                           f"run again without --resume to start over") from None
+        restored, why = None, f"{type(e).__name__}: {e}"
+    else:
+        stray = [r.id for r in restored if r.id not in ids]
+        why = f"{stray[0]} is not one of the run's cases" if stray else None
+    if why:
+        raise JournalError(f"journal {journal.path} holds a case that does not read back ({why}); "
+                           f"run again without --resume to start over")
+    return restored
 
 
 def run_case(case: Case | None = None, *, backward: bool = True, rel_error: bool = False, **fields) -> CaseResult:
