@@ -22,3 +22,19 @@ def __getattr__(name: str):
     value = getattr(_import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+import sys as _sys  # noqa: E402
+import types as _types  # noqa: E402
+
+
+class _ProbePackage(_types.ModuleType):
+    """``precision_suite.probe`` is both this package and the function: importing a submodule
+    binds the package to ``precision_suite.probe``, and ``precision_suite.probe(model, inputs)``
+    must still probe."""
+
+    def __call__(self, *args, **kwargs):
+        return __getattr__("probe")(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _ProbePackage
