@@ -182,14 +182,13 @@ def test_mlp_of_default_linears_matches_a_manual_rounded_forward():
         if isinstance(m, nn.Linear):
             w = m.weight.detach().numpy().astype(np.float16).astype(np.float32)
             b = m.bias.detach().numpy().astype(np.float16).astype(np.float32)
-            h = (h @ w.T).astype(np.float16).astype(np.float32)  # addmm rounds once: product + bias
-            h = (h + b) if False else h
+            h = (h @ w.T + b).astype(np.float16).astype(np.float32)  # addmm rounds once: product + bias
         else:
             h = np.maximum(h, 0)
         amax.append(np.abs(h).max())
     names = r.probe["layer_names"]
     assert [n.split(":")[0] for n in names] == ["0", "1", "2", "3", "4"]
-    assert r.forward.post["amax"][1] == pytest.approx(r.forward.post["amax"][1])
+    np.testing.assert_allclose(r.forward.post["amax"], amax, rtol=2e-3)  # fp16 ulp: 2^-10
     assert r.failure is None and r.backward is not None and r.backward.loss_scale["recommended"] == 1.0
 
 
