@@ -172,6 +172,9 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     from .journal import Journal, journal_path, kill_point, run_identity
     from .workers import run_units
 
+    if axes and (cases is not None or matrix is not None):  # they would be ignored silently
+        raise TypeError(f"run_matrix: axes ({', '.join(sorted(axes))}) go with neither matrix= nor cases=; "
+                        "give one of the three")
     if cases is None:
         matrix = matrix if matrix is not None else Matrix.from_options(**axes)
         cases = matrix.cases()
