@@ -29,7 +29,7 @@ import pytest
 
 from .verdicts import EXPECTATIONS, FAIL_ON_CHOICES
 
-__all__ = ["EXPECTATIONS", "describe_event", "precision_case", "precision_spec", "session"]
+__all__ = ["EXPECTATIONS", "describe_event", "precision_case", "precision_spec", "session"]  # noqa: F822 - describe_event loads lazily (__getattr__)
 
 OPTIONS = (
     ("json", "PATH", "write the results of every precision case of the run to this JSON file"),

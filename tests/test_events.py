@@ -57,7 +57,7 @@ def test_unavailable_stats_give_no_event():
 # ---- the torch statistics that feed the events ----
 
 torch = pytest.importorskip("torch")
-from precision_suite.engine.torch_backend import tensor_stats  # noqa: E402
+from precision_suite.engine.torch_stats import tensor_stats  # noqa: E402
 
 IDX = {n: i for i, n in enumerate(STAT_NAMES)}
 

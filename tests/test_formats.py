@@ -65,7 +65,7 @@ def test_unknown_format_lists_valid_names():
 def test_torch_emulated_rounding_equals_numpy_reference(name):
     """The torch engine's rounder (fp32 and fp64 inputs) against the numpy/ml_dtypes reference."""
     torch = pytest.importorskip("torch")
-    from precision_suite.engine.torch_backend import _rounder
+    from precision_suite.engine.torch_rounding import rounder
 
     fmt = FORMATS[name]
     rng = np.random.default_rng(1)
@@ -78,11 +78,11 @@ def test_torch_emulated_rounding_equals_numpy_reference(name):
     ulp = np.exp2(np.floor(np.log2(np.abs(codes)))) * fmt.eps
     x64 = np.concatenate([x64, codes + ulp / 2 * (1 + 2.0**-22), codes - ulp / 2 * (1 + 2.0**-22)])
     want = round_to_format(x64, fmt).astype(np.float64)
-    got64 = _rounder(fmt)(torch.from_numpy(x64)).numpy()
+    got64 = rounder(fmt)(torch.from_numpy(x64)).numpy()
     np.testing.assert_array_equal(got64, want)
     if fmt.name != "fp32":  # from fp32 a single cast is correct
         with np.errstate(over="ignore"):
             x32 = x64.astype(np.float32)
         want32 = round_to_format(x32.astype(np.float64), fmt).astype(np.float64)
-        got32 = _rounder(fmt)(torch.from_numpy(x32)).numpy().astype(np.float64)
+        got32 = rounder(fmt)(torch.from_numpy(x32)).numpy().astype(np.float64)
         np.testing.assert_array_equal(got32, want32)

@@ -5,7 +5,6 @@ blocks, inf/NaN blocks, the ends of the scale range, saturation)."""
 import math
 from fractions import Fraction
 
-import ml_dtypes
 import numpy as np
 import pytest
 

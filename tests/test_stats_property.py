@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from precision_suite.engine import numpy_backend as ref  # noqa: E402
-from precision_suite.engine.torch_backend import grad_extra_stats, tensor_stats  # noqa: E402
+from precision_suite.engine.torch_stats import grad_extra_stats, tensor_stats  # noqa: E402
 from precision_suite.formats import get_format  # noqa: E402
 from precision_suite.stats import GRAD_EXTRA_STATS, STAT_NAMES  # noqa: E402
 

@@ -20,6 +20,7 @@ from ..results import BackwardResult, CaseResult, ForwardResult
 from ..spec import Case
 from ..stats import backward_events, forward_events
 from .memory import keep_freed_memory
+from .protocol import Unit
 
 __all__ = ["run_cases", "group_cases", "split_units"]
 
@@ -33,9 +34,9 @@ def group_cases(cases: Iterable[Case]) -> list[list[Case]]:
 
 def split_units(cases: Iterable[Case]) -> list[list[Case]]:
     """The pieces a run can hand to different processes: a group's cases that share one torch
-    stack (``torch_backend.stack_key``), or one format's numpy chains. A unit draws its own copy of
+    stack (``torch_stack.stack_key``), or one format's numpy chains. A unit draws its own copy of
     the group's weights (~0.1 ms a layer at width 128), the price of running units apart."""
-    from .torch_backend import stack_key
+    from .torch_stack import stack_key
 
     units: dict[tuple, list[Case]] = defaultdict(list)
     for c in cases:
@@ -66,18 +67,16 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
 
 
-def _make_unit(cases: list[Case], x0, backward: bool, rel_error: bool):
-    """The object that steps ``cases`` (one of ``_units_plan``) through the layers: a numpy chain
-    or a torch stack, with ``cases``, ``fmt``, ``step`` and per-case ``views``."""
+def _make_unit(cases: list[Case], x0, backward: bool, rel_error: bool) -> Unit:
+    """The ``Unit`` that steps ``cases`` (one of ``_units_plan``) through the layers: a numpy chain
+    (one case) or a torch stack."""
     if cases[0].backend == "numpy":
         from .numpy_backend import NumpyChain
 
-        chain = NumpyChain(cases[0], x0, backward=backward, rel_error=rel_error)
-        chain.cases, chain.views = cases, [chain]
-        return chain
-    from .torch_backend import TorchStack
+        return NumpyChain(cases[0], x0, backward=backward, rel_error=rel_error)
+    from .torch_stack import make_stack
 
-    return TorchStack(cases, x0, backward=backward, rel_error=rel_error)
+    return make_stack(cases, x0, backward=backward, rel_error=rel_error)
 
 
 def _run_group(cases: list[Case], *, backward: bool, rel_error: bool) -> list[CaseResult]:
@@ -150,7 +149,7 @@ def _run_units(cases: list[Case], backward: bool, rel_error: bool) -> tuple[dict
 
 def _units_plan(cases: list[Case]) -> list[list[Case]]:
     """The cases of each unit: a numpy chain per case, a torch stack per ``stack_key``."""
-    from .torch_backend import stack_key
+    from .torch_stack import stack_key
 
     units: dict[tuple, list[Case]] = defaultdict(list)
     for c in cases:

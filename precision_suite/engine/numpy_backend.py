@@ -168,6 +168,7 @@ class NumpyChain:
             raise ValueError(f"the numpy backend runs on cpu in emulated mode only, got device={case.device!r} "
                              f"mode={case.mode!r}; use --backends torch for that")
         self.case = case
+        self.cases, self.views = [case], [self]  # a unit of one case (engine.protocol.Unit)
         self.fmt = get_format(case.format)
         wide = self.fmt.wide()
         self.wide = _np.dtype(_np.float32 if wide.name == "fp32" else _np.float64)

@@ -83,11 +83,11 @@ def _missing_kernel(device: str, format_name: str, op: str) -> str | None:
 
 
 def _probe(op: str, x):
-    """``op`` as ``TorchStack._step_native`` calls it, on the probe tensor ``x``."""
+    """``op`` as ``NativeStack._step`` calls it, on the probe tensor ``x``."""
     import torch.nn.functional as F
 
     from ..spec import NORMS
-    from .torch_backend import _native_act, _norm
+    from .torch_ops import native_act, norm
 
     if op == "cast":
         return x
@@ -96,5 +96,5 @@ def _probe(op: str, x):
     if op == "residual add":
         return x + 0.5 * x
     if op in NORMS:
-        return _norm(op, x)
-    return _native_act(op)(x)
+        return norm(op, x)
+    return native_act(op)(x)

@@ -84,7 +84,7 @@ def run_autocast_chains(cases: list, *, backward: bool = True) -> list[CaseResul
 
 
 def _run(case, backward: bool) -> CaseResult:
-    from ..engine.torch_backend import columns, tensor_stats
+    from ..engine.torch_stats import columns, tensor_stats
 
     t0 = time.perf_counter()
     fmt = get_format(case.format)

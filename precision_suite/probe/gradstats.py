@@ -5,7 +5,7 @@ one float32 tensor at a time, by radix selection.
     exact_q    = the (m+1)-th smallest significant |e| (|e| >= eps * rms of the finite values),
                  m = ceil(threshold * n) - 1; inf when fewer are significant
 
-The same numbers as ``engine.torch_backend.grad_extra_stats`` (a test holds them equal), found
+The same numbers as ``engine.torch_stats.grad_extra_stats`` (a test holds them equal), found
 without its top-k partial sort, which costs ~3x more on the megabyte-sized gradients of a real
 model: the magnitudes' bit patterns order like the values, so a histogram of their top 16 bits
 names the bin holding rank m+1, and only that bin's few elements are selected from.

@@ -17,7 +17,7 @@ import math
 import numpy as _np
 import torch
 
-from ..engine.torch_backend import columns, grad_extra_stats, tensor_stats
+from ..engine.torch_stats import columns, grad_extra_stats, tensor_stats
 from ..formats import Format
 from .gradstats import grad_extras
 from ..stats import GRAD_EXTRA_STATS, STAT_NAMES, backward_events, forward_events

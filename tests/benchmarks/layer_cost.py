@@ -8,7 +8,8 @@ import torch
 
 from precision_suite.draws import draw_weight
 from precision_suite.engine.memory import keep_freed_memory
-from precision_suite.engine.torch_backend import _rounder, tensor_stats
+from precision_suite.engine.torch_rounding import rounder
+from precision_suite.engine.torch_stats import tensor_stats
 from precision_suite.formats import get_format, round_to_format
 from precision_suite.inits import parse_init
 
@@ -26,7 +27,7 @@ def per_layer_us(fn) -> float:
 def main() -> None:
     keep_freed_memory()
     fmt, init = get_format("fp16"), parse_init("kaiming_normal")
-    rnd = _rounder(fmt)
+    rnd = rounder(fmt)
     x = torch.randn(CASES, BATCH, WIDTH)
     w64 = draw_weight(init, 0, 1, WIDTH, WIDTH)
     w = torch.from_numpy(round_to_format(w64, fmt).astype(np.float32))

@@ -1,0 +1,78 @@
+"""Rounding to a format in torch: correct from float64 (round-to-odd through float32), and an autograd
+function that rounds in forward and backward and reports each (exact, rounded) gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as _np
+
+from ..formats import Format
+
+__all__ = ["rounder", "round_fn"]
+
+
+def _fp64_to_fp32_odd(x):
+    """float64 -> float32 rounding to odd (see ``formats.round_fp64_to_fp32_odd``), in torch."""
+    import torch
+
+    y = x.to(torch.float32)
+    fix = (y.to(torch.float64) != x) & torch.isfinite(x)
+    bits = y.view(torch.int32)
+    fix &= (bits & 1) == 0
+    step = torch.where(y.abs().to(torch.float64) > x.abs(), -1, 1) * fix
+    return (bits + step.to(torch.int32)).view(torch.float32)
+
+
+def rounder(fmt: Format):
+    """tensor -> tensor of the same dtype holding the nearest-even value in ``fmt``.
+
+    A float64 tensor is rounded to odd in float32 first (torch's float64 -> fp16/bf16/fp8 casts
+    round twice). Overflow follows the format: inf, or NaN where it has none (fp8_e4m3fn), as in
+    ml_dtypes; torch's saturating fp8 cast is what native mode shows.
+    """
+    import torch
+
+    if not fmt.has_wider:
+        return lambda x: x
+    low = fmt.torch_dtype()
+    direct = fmt.np_dtype == _np.float32
+
+    def rnd(x):
+        src = x if direct or x.dtype != torch.float64 else _fp64_to_fp32_odd(x)
+        r = src.to(low).to(x.dtype)
+        return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), math.nan, r)
+
+    return rnd
+
+
+def _make_round_fn():
+    import torch
+
+    class _Round(torch.autograd.Function):
+        """Round to the format in forward and backward; report (exact, rounded) gradients."""
+
+        @staticmethod
+        def forward(ctx, x, rounder, on_grad):
+            ctx.rounder, ctx.on_grad = rounder, on_grad
+            return rounder(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            r = ctx.rounder(g)
+            if ctx.on_grad is not None:
+                ctx.on_grad(g, r)
+            return r, None, None
+
+    return _Round
+
+
+_ROUND_FN = None
+
+
+def round_fn():
+    global _ROUND_FN
+    if _ROUND_FN is None:
+        _ROUND_FN = _make_round_fn()
+    return _ROUND_FN
