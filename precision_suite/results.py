@@ -88,19 +88,24 @@ class ForwardResult:
     pre: TensorStats
     post: TensorStats
     rel_error: list | None = None  # per-layer relative RMS error vs the fp64 shadow chain (--rel-error)
+    # scaled formats only (docs/scaled-formats.md): the quantized matmul inputs, activation and weight
+    gemm_in: TensorStats | None = None
+    gemm_w: TensorStats | None = None
 
     def to_dict(self) -> dict:
         d = self.events.to_dict()
         d.update(input=_encode_stats(self.input), pre=_encode_stats(self.pre), post=_encode_stats(self.post))
         if self.rel_error is not None:
             d["rel_error"] = [encode_float(x) for x in self.rel_error]
+        d.update({k: _encode_stats(v) for k in ("gemm_in", "gemm_w") if (v := getattr(self, k)) is not None})
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ForwardResult":
         rel = d.get("rel_error")
         return cls(Events.from_dict(d), _decode_stats(d["input"]), _decode_stats(d["pre"]), _decode_stats(d["post"]),
-                   None if rel is None else [decode_float(x) for x in rel])
+                   None if rel is None else [decode_float(x) for x in rel],
+                   _decode_stats(d.get("gemm_in")), _decode_stats(d.get("gemm_w")))
 
 
 @dataclass(frozen=True)
@@ -110,17 +115,20 @@ class BackwardResult:
     grad_pre: TensorStats
     wgrad: TensorStats
     loss_scale: dict | None = None
+    grad_gemm_in: TensorStats | None = None  # scaled formats: the quantized gradient entering the dgrad matmul
 
     def to_dict(self) -> dict:
         d = self.events.to_dict()
         d.update(grad=_encode_stats(self.grad), grad_pre=_encode_stats(self.grad_pre),
                  wgrad=_encode_stats(self.wgrad), loss_scale=self.loss_scale)
+        if self.grad_gemm_in is not None:
+            d["grad_gemm_in"] = _encode_stats(self.grad_gemm_in)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "BackwardResult":
         return cls(Events.from_dict(d), _decode_stats(d["grad"]), _decode_stats(d["grad_pre"]),
-                   _decode_stats(d["wgrad"]), d.get("loss_scale"))
+                   _decode_stats(d["wgrad"]), d.get("loss_scale"), _decode_stats(d.get("grad_gemm_in")))
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ class Case(_StrictKeywords):
         )
         for key, value in canon.items():
             object.__setattr__(self, key, value)
+        _check_blocks(self.format, self.width)
 
     @property
     def id(self) -> str:
@@ -134,6 +135,18 @@ class Case(_StrictKeywords):
         lsuv_dep = self.activation if parse_init(self.init).data_dependent else None
         return (self.init, self.seed, self.width, self.depth, self.batch, self.input, self.bias, lsuv_dep,
                 self.mode == "autocast")
+
+
+def _check_blocks(format_name: str, width: int) -> None:
+    """A scaled format's blocks run along the width (the forward and dgrad matmuls' reduction
+    dimension): the width must be a whole number of them (and of fp8_block's weight tiles)."""
+    scaling = get_format(format_name).scaling
+    if scaling is None:
+        return
+    block = max((scaling.block, *(scaling.weight_block or ())))
+    if block and width % block:
+        raise SpecError(f"--width {width} is not a whole number of {format_name}'s {block}-element blocks; "
+                        f"use a multiple of {block}")
 
 
 def split_list(text: str) -> list[str]:
@@ -346,16 +359,14 @@ def axis_choices() -> dict[str, list[str]]:
     """Each ``run`` axis's valid values, read from the registries: ``{axis: [values, forms...]}``,
     one string per line (``precision-suite list``). Parametric forms are the ones the parsers accept."""
     from .activations import activation_names
-    from .draws import INPUT_NAMES, InputSpec
+    from .draws import INPUT_NAMES, INPUT_PARAMS
     from .formats import _ALIASES, format_names
     from .inits import _PARAMS, init_names
     from .scaled import SCALE_RULES, SCALED_NAMES, STORAGES, parse_scaled
 
     init_forms = [f"{name}({','.join(p + '=..' for p in params)})" for name, params in _PARAMS.items()]
     gained = [n for n in init_names() if _accepts(parse_init, f"{n}(gain=1)")]
-    input_params = [f.name for f in dataclasses.fields(InputSpec) if f.name != "kind"]
-    input_forms = [f"{k}({','.join(p + '=..' for p in input_params)})" for k in INPUT_NAMES
-                   if _accepts(parse_input, f"{k}({','.join(p + '=1' for p in input_params)})")]
+    input_forms = [f"{k}({','.join(p + '=..' for p in params)})" for k, params in INPUT_PARAMS.items()]
     ruled = [n for n in SCALED_NAMES if _accepts(parse_scaled, f"{n}(scale_rule={SCALE_RULES[0]})")]
     return {
         "inits": [", ".join(init_names()),

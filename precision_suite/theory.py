@@ -357,6 +357,8 @@ def _input_moments(spec) -> tuple[float, float, float]:
 
 
 def _why_not(case, init) -> str | None:
+    if parse_input(case.input).kind == "outliers":
+        return "outlier channels are scaled in every layer's matmul input: the chain is not x_l = phi(W x_{l-1})"
     if case.norm != "none":
         return f"{case.norm} rescales every layer from the batch: there is no drift to propagate"
     if case.residual is not None:

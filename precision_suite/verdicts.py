@@ -35,7 +35,7 @@ __all__ = ["FAILURE_ORDER", "FAIL_ON_CHOICES", "EXPECTATIONS", "JUDGED_EVENTS", 
 # (kind, event): a pass's failure is the earliest of these; on a tie the first listed wins
 FAILURE_ORDER = (("overflow", "first_overflow"), ("nan", "first_nan"), ("zero", "first_zero"),
                  ("underflow", "first_underflow"))
-_EVENTS = ("overflow", "nan", "underflow", "zero", "subnormal", "underflow_any")
+_EVENTS = ("overflow", "nan", "underflow", "zero", "subnormal", "underflow_any", "flush")
 # --fail-on items: forward events, the same with grad_ (backward), and error (a case that could not run)
 FAIL_ON_CHOICES = (*_EVENTS, *(f"grad_{e}" for e in _EVENTS), "error")
 _EVENT_ITEMS = FAIL_ON_CHOICES[:-1]
@@ -44,7 +44,7 @@ EXPECTATIONS = ("survives", *(f"no-{e}" for e in _EVENT_ITEMS), *_EVENT_ITEMS)
 # compared exactly against a baseline (same seed, same bits), in both directions
 JUDGED_EVENTS = ("failure", "first_overflow", "first_nan", "first_underflow", "first_zero")
 # warnings: they move by tens of layers with accumulation order, so a change is shown, never judged
-REPORTED_EVENTS = ("first_underflow_any", "first_subnormal")
+REPORTED_EVENTS = ("first_underflow_any", "first_subnormal", "first_flush")
 _DIRECTIONS = ("forward", "backward")
 
 

@@ -171,14 +171,17 @@ def _finish(chain, g64) -> CaseResult:
     if g64 is not None:
         chain.run_backward(g64)
     fmt = chain.fmt
+    scaled = fmt.scaling is not None  # the quantized matmul inputs have statistics of their own
     pre, post = chain.columns("pre"), chain.columns("post")
-    fwd = ForwardResult(forward_events(pre, post, case.underflow_threshold), chain.input_columns(), pre, post,
-                        chain.rel_error_values())
+    gemm_in, gemm_w = (chain.columns("gemm_in"), chain.columns("gemm_w")) if scaled else (None, None)
+    fwd = ForwardResult(forward_events(pre, post, case.underflow_threshold, gemm_in, gemm_w), chain.input_columns(),
+                        pre, post, chain.rel_error_values(), gemm_in, gemm_w)
     bwd = None
     if g64 is not None:
         grad, grad_pre, wgrad = chain.columns("grad"), chain.columns("grad_pre"), chain.columns("wgrad")
+        grad_gemm_in = chain.columns("grad_gemm_in") if scaled else None
         advice = loss_scale_advice({"grad": grad, "grad_pre": grad_pre, "wgrad": wgrad}, fmt, case.underflow_threshold,
                                    case.loss_scale)
-        bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold), grad, grad_pre, wgrad,
-                             loss_scale=advice)
+        bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold, grad_gemm_in),
+                             grad, grad_pre, wgrad, loss_scale=advice, grad_gemm_in=grad_gemm_in)
     return CaseResult(case, status="ok", forward=fwd, backward=bwd, theory=predict(case))

@@ -29,8 +29,9 @@ class CaseChain(Protocol):
         (the unit may run it once for all its cases)."""
 
     def columns(self, kind: str) -> dict:
-        """Per-layer statistics of ``kind`` (pre, post, grad, grad_pre, wgrad): stat name ->
-        float64 array of depth values, or None where the statistic is not available."""
+        """Per-layer statistics of ``kind`` (pre, post, grad, grad_pre, wgrad; for a scaled format
+        also gemm_in, gemm_w, grad_gemm_in with ``quantize.GEMM_STATS``): stat name -> float64
+        array of depth values, or None where the statistic is not available."""
 
     def input_columns(self) -> dict:
         """The rounded input's statistics: stat name -> float (or None)."""

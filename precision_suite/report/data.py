@@ -36,7 +36,7 @@ _FORMAT_ORDER = {name: i for i, name in enumerate(FORMATS)}
 _EVENT_LABELS = {
     "first_overflow": "overflow", "first_nan": "NaN", "first_zero": "dead (all zero)",
     "first_underflow": "underflow ≥ threshold", "first_underflow_any": "first underflowed element",
-    "first_subnormal": "subnormal ≥ threshold",
+    "first_subnormal": "subnormal ≥ threshold", "first_flush": "quantized input flushed ≥ threshold",
 }
 _KIND_LABEL = {"overflow": "overflow", "nan": "NaN", "zero": "dead", "underflow": "underflow"}
 # per-layer statistics drawn on the range charts, and the fractions drawn under them
@@ -215,6 +215,8 @@ def _events_rows(r: CaseResult, fwd_theory: TheoryVerdict, bwd_theory: TheoryVer
     fe = r.forward.events
     be = r.backward.events if r.backward else None
     for name in EVENT_NAMES:
+        if name == "first_flush" and r.forward.gemm_in is None:
+            continue  # only scaled formats quantize their matmul inputs
         row = {"event": _EVENT_LABELS[name], "forward": _event_text(getattr(fe, name)),
                "backward": "n/a" if be is None else _event_text(getattr(be, name))}
         for col, th in (("theory_forward", fwd_theory), ("theory_backward", bwd_theory)):
