@@ -48,7 +48,6 @@ from typing import NamedTuple
 import numpy as _np
 from numpy.polynomial.hermite_e import hermegauss as _hermegauss
 from numpy.polynomial.legendre import leggauss as _leggauss
-from scipy.optimize import brentq as _brentq
 from scipy.special import erf as _erf
 from scipy.special import erfc as _erfc
 from scipy.special import ndtr as _ndtr
@@ -251,23 +250,47 @@ def _gaussian(var, fmt: Format, floor):
     return _np.where(live, over, 0.0), _np.where(live, _np.maximum(under, 0.0), 0.0), _np.where(live, nonzero, 0.0)
 
 
+@functools.cache
+def _abs_phi_grid(act_name: str) -> tuple[_np.ndarray, _np.ndarray]:
+    """(grid, |phi(grid)|): a grid of z that is linear near 0 (where the activations turn) and
+    geometric out to 2^+-1023, shared by every level set of the activation."""
+    geo = _np.ldexp(1.0, _np.arange(-1074, 1024))
+    grid = _np.unique(_np.concatenate([-geo, _np.linspace(-64, 64, 8193), geo]))
+    with _np.errstate(all="ignore"):
+        return grid, _np.abs(get_activation(act_name).numpy_fn(grid))
+
+
 @functools.lru_cache(maxsize=4096)
 def _level_set(act_name: str, t: float) -> tuple:
     """The intervals of z where |phi(z)| > t, as ((a, b), ...) with infinite ends allowed.
 
-    Crossings of |phi(z)| = t are bracketed on a grid that is linear near 0 (where the
-    activations turn) and geometric out to 2^+-1023, then refined by Brent's method."""
+    Crossings of |phi(z)| = t are bracketed on ``_abs_phi_grid``, then bisected to adjacent floats."""
     phi = get_activation(act_name).numpy_fn
-    geo = _np.ldexp(1.0, _np.arange(-1074, 1024))
-    grid = _np.unique(_np.concatenate([-geo, _np.linspace(-64, 64, 8193), geo]))
-    with _np.errstate(all="ignore"):
-        above = _np.abs(phi(grid)) > t
+    grid, abs_phi = _abs_phi_grid(act_name)
+    above = abs_phi > t
     flips = _np.flatnonzero(above[1:] != above[:-1])
-    edges = [_brentq(lambda z: abs(float(phi(_np.float64(z)))) - t, grid[i], grid[i + 1],
-                     xtol=5e-324, rtol=4 * _np.finfo(float).eps, maxiter=4000) for i in flips]
+    edges = _bisect(lambda z: _np.abs(phi(z)) > t, grid[flips], grid[flips + 1]).tolist()
     bounds = [-math.inf, *edges, math.inf]
     inside = [bool(above[0])] + [bool(above[i + 1]) for i in flips]
     return tuple((a, b) for a, b, keep in zip(bounds[:-1], bounds[1:], inside) if keep)
+
+
+def _bisect(test, lo: _np.ndarray, hi: _np.ndarray) -> _np.ndarray:
+    """Per bracket, where ``test`` flips between lo and hi (test(lo) != test(hi)), to adjacent floats:
+    all brackets at once. Grid neighbours are at most a factor 2 (or 1/64) apart, so ~60 halvings
+    reach adjacent floats; each keeps the half whose ends still disagree."""
+    lo, hi = lo.copy(), hi.copy()
+    with _np.errstate(all="ignore"):
+        at_lo = test(lo)
+        for _ in range(2200):  # a bound for brackets spanning subnormals; ~60 in practice
+            mid = lo + (hi - lo) / 2
+            open_ = (mid > lo) & (mid < hi)
+            if not open_.any():
+                break
+            left = test(mid) != at_lo  # the flip lies in [lo, mid]
+            hi = _np.where(open_ & left, mid, hi)
+            lo = _np.where(open_ & ~left, mid, lo)
+    return lo + (hi - lo) / 2
 
 
 def _mass(intervals, sigma):

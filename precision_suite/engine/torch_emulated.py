@@ -10,7 +10,7 @@ import numpy as _np
 
 from .torch_ops import norm
 from .torch_rounding import round_fn, rounder
-from .torch_stack import TorchStack
+from .torch_stack import TorchStack, backward_from
 from .torch_stats import host
 
 __all__ = ["EmulatedStack"]
@@ -103,4 +103,4 @@ class EmulatedStack(TorchStack):
         return self.x.detach().abs().flatten(1).amax(dim=1)
 
     def _backward(self, seed_grad) -> None:
-        self.x.backward(seed_grad)
+        backward_from(self.x, seed_grad)

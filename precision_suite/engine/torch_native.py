@@ -6,7 +6,7 @@ operands (and, backward, from the native gradient arriving from above).
 from __future__ import annotations
 
 from .torch_ops import native_act, norm
-from .torch_stack import TorchStack
+from .torch_stack import TorchStack, backward_from
 
 __all__ = ["NativeStack"]
 
@@ -49,7 +49,7 @@ class NativeStack(TorchStack):
         self.x = post
 
     def _backward(self, seed_grad) -> None:
-        self.x.backward(seed_grad.to(self.x.dtype))
+        backward_from(self.x, seed_grad.to(self.x.dtype))
         self._native_backward_stats(seed_grad)
 
     def _native_backward_stats(self, seed_grad) -> None:
@@ -66,7 +66,7 @@ class NativeStack(TorchStack):
             w_w = wl.detach().to(wide).requires_grad_(True)
             pre_w = F.linear(x_w, w_w, None if bl is None else bl.detach().to(wide))
             pre_w.retain_grad()
-            self._tail_wide(x_w, pre_w).backward(post.grad.to(wide))
+            backward_from(self._tail_wide(x_w, pre_w), post.grad.to(wide))
             self.stats["grad"].add(layer, exact_grad_post, post.grad.to(wide))
             self.stats["grad_pre"].add(layer, pre_w.grad, pre.grad.to(wide))
             self.stats["wgrad"].add(layer, w_w.grad, wl.grad.to(wide))
