@@ -69,7 +69,15 @@ def _encode_stats(stats: TensorStats) -> dict:
         elif _np.ndim(v) == 0:
             out[k] = encode_float(v)
         else:
-            out[k] = [encode_float(x) for x in _np.asarray(v, dtype=_np.float64).tolist()]
+            out[k] = _encode_column(_np.asarray(v, dtype=_np.float64))
+    return out
+
+
+def _encode_column(a: _np.ndarray) -> list:
+    """``encode_float`` over a float64 array: a list of floats, non-finite entries as strings."""
+    out = a.tolist()
+    for i in _np.flatnonzero(~_np.isfinite(a)).tolist():
+        out[i] = encode_float(out[i])
     return out
 
 

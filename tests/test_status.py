@@ -140,7 +140,7 @@ def test_scaled_formats_are_skipped_not_run_as_something_else():
     from precision_suite.scaled import SCALED_NAMES
 
     for name in SCALED_NAMES:
-        [r] = run_matrix(inits="normal", activations="relu", formats=name, devices="cpu", depth=2, width=32,
+        [r] = run_matrix(inits="normal", activations="relu", formats=name, devices="cpu", depth=2, width=128,
                          batch=4).cases
         assert r.status == "skipped" and r.forward is None, name
         assert f"{name} is a scaled format" in r.skip_reason

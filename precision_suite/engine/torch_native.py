@@ -49,7 +49,7 @@ class NativeStack(TorchStack):
         self.x = post
 
     def _backward(self, seed_grad) -> None:
-        backward_from(self.x, seed_grad.to(self.x.dtype))
+        backward_from(self.x, seed_grad)
         self._native_backward_stats(seed_grad)
 
     def _native_backward_stats(self, seed_grad) -> None:

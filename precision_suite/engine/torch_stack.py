@@ -37,10 +37,11 @@ def stack_key(case) -> tuple:
 
 
 def backward_from(y, g) -> None:
-    """Backpropagate dL/dy = g through ``y``'s graph as loss = sum(y * g): the gradient reaching y is
-    1 * g, exactly g. A scalar loss spares autograd the shape check of a tensor gradient, whose
-    first use in a process imports sympy (~0.9 s, paid again by every worker)."""
-    (y * g).sum().backward()
+    """Backpropagate dL/dy = g (wide dtype, values of y's format) through ``y``'s graph as loss =
+    sum(y * g) in g's dtype: the gradient reaching y is 1 * g cast to y's dtype, exactly g. A scalar
+    loss spares autograd the shape check of a tensor gradient, whose first use in a process imports
+    sympy (~0.9 s, paid again by every worker); the wide dtype, fp8's missing CPU sum kernel."""
+    (y.to(g.dtype) * g).sum().backward()
 
 
 def make_stack(cases: list, x0_64: _np.ndarray, backward: bool, rel_error: bool) -> "TorchStack":

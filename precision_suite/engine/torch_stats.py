@@ -56,14 +56,7 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
     out[:, _I["amax"]] = amax
     out[:, [_I["mean"], _I["std"], _I["rms"]]] = _moments(r, amax)
     if native or not (amax < fmt.max).all():  # inf and NaN compare False too
-        counts = {"inf_frac": torch.isinf(a).sum(dim=1), "nan_frac": torch.isnan(a).sum(dim=1),
-                  "saturated_frac": (a == fmt.max).sum(dim=1)}
-        if fmt.has_wider:
-            over = fmt.overflows(e.abs())
-            if native:
-                over |= torch.isinf(r) | (torch.isnan(r) & torch.isfinite(e))
-            counts["overflow_frac"] = over.sum(dim=1)
-        for name, count in zip(counts, host(*counts.values())):
+        for name, count in _range_counts(a, bits, e, r, fmt, native).items():
             out[:, _I[name]] = count / n
     floors = _Floors(e, fmt, out[:, _I["rms"]], amax, exact_bound=not native)
     zeros, amin_nonzero = 0, amin
@@ -110,6 +103,36 @@ def tensor_stats(exact, rounded, fmt: Format, native: bool = False):
             under[look] = floors.count(look, mask, ea)
         out[:, _I["underflow_frac"]] = under / n
     return torch.from_numpy(out)
+
+
+def _range_counts(a, bits, e, r, fmt: Format, native: bool) -> dict:
+    """Per row, the counts of |r| == max (saturated), inf, NaN and overflowed elements, as float64
+    host arrays. The first three from #(bits >= b) at the patterns of max, inf and the first NaN
+    (``_count_below``'s integer pass; boolean masks and their sums cost ~3x more). Emulated
+    rounding is correct (round-to-nearest-even), so in a format with inf an element overflowed
+    exactly when it rounded to +-inf (|exact| >= T_of, an exact inf included); fp8_e4m3fn has no
+    inf and the native kernels round their own way: there the exact values are compared with T_of."""
+    import torch
+
+    patterns = [_bits(fmt.max, a.dtype), _bits(fmt.max, a.dtype) + 1, _bits(math.inf, a.dtype),
+                _bits(math.inf, a.dtype) + 1]
+    at_max, above_max, at_inf, nan = host(*(_count_at_least(bits, p) for p in patterns))
+    counts = {"saturated_frac": at_max - above_max, "inf_frac": at_inf - nan, "nan_frac": nan}
+    if not fmt.has_wider:
+        return counts
+    if fmt.has_inf and not native:
+        counts["overflow_frac"] = counts["inf_frac"]
+        return counts
+    over = fmt.overflows(e.abs())
+    if native:
+        over |= torch.isinf(r) | (torch.isnan(r) & torch.isfinite(e))
+    [counts["overflow_frac"]] = host(over.sum(dim=1))
+    return counts
+
+
+def _count_at_least(bits, threshold_bits: int):
+    """Per row, #(bits >= threshold_bits) = sum(clamp(bits - threshold_bits + 1, 0, 1))."""
+    return (bits - (threshold_bits - 1)).clamp_(0, 1).sum(dim=1, dtype=bits.dtype)
 
 
 class _Floors:
@@ -346,20 +369,30 @@ def grad_extra_stats(exact, threshold: float, fmt: Format) -> _np.ndarray:
 
 
 def _rms_of_magnitudes(a, amax: _np.ndarray) -> _np.ndarray:
-    """Per row, rms of |values| ``a`` over the finite ones: a norm in a's own dtype where every square
-    stays in its accurate range (``_squares_out_of_range``; relative error ~1e-7), else ``_exact_rms``."""
+    """Per row, rms of |values| ``a`` over the finite ones, in a's own dtype (relative error ~1e-7):
+    a row whose squares would leave the dtype's accurate range (``_squares_out_of_range``) is first
+    scaled by 2^k, exactly, so that its largest magnitude is ~1. Rows holding inf or NaN go through
+    ``_exact_rms``, which masks them. Every choice is made per row."""
     import torch
 
     n = a.shape[1]
-    direct = _np.isfinite(amax) & ~_squares_out_of_range(amax, a.dtype, n)  # decided per row
-    if direct.all():
-        [norm] = host(torch.linalg.vector_norm(a, dim=1))
-        return norm / math.sqrt(n)
+    finite = _np.isfinite(amax)
     out = _np.empty(len(amax))
-    for rows, exact in ((_np.flatnonzero(direct), False), (_np.flatnonzero(~direct), True)):
-        if rows.size:
-            part = a[torch.from_numpy(rows).to(a.device)]
-            out[rows] = _exact_rms(part, amax[rows]) if exact else host(torch.linalg.vector_norm(part, dim=1))[0] / math.sqrt(n)
+    for rows, masked in ((_np.flatnonzero(finite), False), (_np.flatnonzero(~finite), True)):
+        if not rows.size:
+            continue
+        part = a if rows.size == len(amax) else a[torch.from_numpy(rows).to(a.device)]
+        if masked:
+            out[rows] = _exact_rms(part, amax[rows])
+            continue
+        k = _np.zeros(rows.size, dtype=_np.int64)
+        rescale = _squares_out_of_range(amax[rows], a.dtype, n)
+        if rescale.any():
+            k[rescale] = -_np.ceil(_np.log2(amax[rows][rescale])).astype(_np.int64)
+            for half in (k // 2, k - k // 2):  # 2^k itself may lie outside the dtype
+                part = part * torch.from_numpy(_np.ldexp(1.0, half)).to(part.device, part.dtype)[:, None]
+        [norm] = host(torch.linalg.vector_norm(part, dim=1))
+        out[rows] = _np.ldexp(norm, -k) / math.sqrt(n)
     return out
 
 

@@ -107,6 +107,8 @@ def _plain(obj):
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, _np.ndarray)):
+        if isinstance(obj, list) and _plain_numbers(obj):  # a chart's series (``_log2_list``): as it is
+            return obj
         return [_plain(v) for v in obj]
     if isinstance(obj, (bool, _np.bool_)):
         return bool(obj)
@@ -115,6 +117,14 @@ def _plain(obj):
     if isinstance(obj, (float, _np.floating)):
         return float(obj) if math.isfinite(obj) else None
     return obj
+
+
+def _plain_numbers(values: list) -> bool:
+    """Is every item None or a finite Python float (not a subclass: numpy's float64 is one)?"""
+    kinds = set(map(type, values))
+    if not kinds <= {float, type(None)}:
+        return False
+    return float not in kinds or math.isfinite(sum(v for v in values if v is not None))
 
 
 # ---------------------------------------------------------------- formats
