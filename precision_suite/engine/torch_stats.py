@@ -324,8 +324,12 @@ def _moments_of(r, amax: _np.ndarray) -> _np.ndarray:
 def row_sum(x):
     """Per-row sum of a [C, N] tensor, in an order that does not depend on C: torch sums one row
     of N >= 32768 elements in pieces across threads, but several rows one row per thread, each
-    in order; a single row is therefore summed as one of two (the second is never read)."""
-    return x.sum(dim=1) if x.shape[0] > 1 else x.expand(2, -1).sum(dim=1)[:1]
+    in order; a single row is therefore summed as one of two (the second is never read), except
+    on a CPU with one thread, where both orders are the same (checked for N up to 3e6)."""
+    import torch
+
+    single_threaded = x.device.type == "cpu" and torch.get_num_threads() == 1
+    return x.sum(dim=1) if x.shape[0] > 1 or single_threaded else x.expand(2, -1).sum(dim=1)[:1]
 
 
 def _squares_out_of_range(amax: _np.ndarray, dtype, n: int) -> _np.ndarray:
