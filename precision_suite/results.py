@@ -243,12 +243,15 @@ class Results:
         """The first environment (a plain run has exactly one)."""
         return self.environments[0] if self.environments else {}
 
-    def to_dict(self) -> dict:
+    def to_dict(self, encoded: dict | None = None) -> dict:
+        """The JSON document. ``encoded``: case dicts already made (``CaseResult.to_dict()``, by id),
+        used as they are instead of encoding those cases again."""
+        encoded = encoded or {}
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "definitions": self.definitions,
                 "created": self.created or _now(),
                 "tool_version": self.tool_version or _tool_version(),
                 "environments": [_encode_tree(e) for e in self.environments],
-                "cases": [c.to_dict() for c in self.cases]}
+                "cases": [encoded.get(c.id) or c.to_dict() for c in self.cases]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Results":

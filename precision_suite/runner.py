@@ -182,11 +182,13 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         raise TypeError("run_matrix: resume=True needs json_path (the journal lives beside the results)")
     env = fingerprint(threads)
     environments, created, journal = [env], None, None
+    encoded: dict[str, dict] = {}  # each journaled case's JSON dict, reused by the final write
     skipped, journaled, lost = [], [], []  # lost: units whose worker died; not journaled, so a resume reruns them
 
     def record(result: CaseResult):
         if journal is not None:
-            journal.record(result.to_dict())
+            encoded[result.id] = result.to_dict()
+            journal.record(encoded[result.id])
         journaled.append(result)
         if on_result is not None:
             on_result(result)
@@ -235,14 +237,14 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
         results = results_of(journaled + skipped + lost)
         if json_path is not None:
             kill_point("final-write")
-            write_json_atomic(json_path, results.to_dict())
+            write_json_atomic(json_path, results.to_dict(encoded))
             kill_point("results-written")
             journal.remove()
     except KeyboardInterrupt as exc:
         partial = results_of(journaled + skipped)
         if journal is not None:
             journal.close()
-            write_json_atomic(json_path, partial.to_dict())
+            write_json_atomic(json_path, partial.to_dict(encoded))
         raise RunInterrupted(partial, journal and journal.path) from exc
     finally:
         if journal is not None:

@@ -11,8 +11,8 @@ from precision_suite.validation import validate_results
 def results_follow_the_schema():
     to_dict = Results.to_dict
 
-    def validated(self):
-        payload = to_dict(self)
+    def validated(self, encoded=None):
+        payload = to_dict(self, encoded)
         validate_results(payload)
         return payload
 
