@@ -16,6 +16,8 @@ and a hook on each parameter the gradient w.r.t. it, keyed to the first layer th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -37,6 +39,16 @@ def round_tensor(x, fmt: Format):
     the format has none (torch's fp8_e4m3fn cast saturates instead)."""
     r = x.to(fmt.torch_dtype()).to(x.dtype)
     return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), torch.nan, r)
+
+
+@contextlib.contextmanager
+def _unobserved(device_type: str):
+    """The statistics of a gradient, taken in a hook while the backward pass runs under this mode
+    (and autocast): their own ops must be neither rounded nor recorded nor autocast."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.autocast(device_type, enabled=False):
+        yield
 
 
 def _format_of(dtype) -> Format:
@@ -71,7 +83,8 @@ class Observer(TorchDispatchMode):
     def _grad_hook(self, layer: int, tensor: str):
         def hook(g):
             exact = self.exact_of.get(g)
-            self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
+            with _unobserved(g.device.type):
+                self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
         return hook
 
     def _claim_params(self, layer: int, inputs: list) -> None:
