@@ -69,9 +69,9 @@ def test_sequential_chain_equals_the_engine_event_for_event(init, activation):
     engine = run_case(case)
     model, x = _sequential(case)
     r = probe_case(model, x, "fp16", "emulated", seed=case.seed)
-    assert r.case.depth == 2 * case.depth
-    assert r.probe["layer_names"][:2] == ["0:mm", "1:" + r.probe["layer_names"][1].split(":")[1]]
-    pre_rows, post_rows = np.arange(0, 2 * case.depth, 2), np.arange(1, 2 * case.depth, 2)
+    assert r.case.depth == 2 * case.depth + 1  # the input, rounded on entry, is layer 1
+    assert r.probe["layer_names"][:3] == ["(input):args[0]", "0:mm", "1:" + r.probe["layer_names"][2].split(":")[1]]
+    pre_rows, post_rows = np.arange(1, 2 * case.depth + 1, 2), np.arange(2, 2 * case.depth + 1, 2)
     f = r.forward.post
     fwd = forward_events(_take(f, pre_rows), _take(f, post_rows), case.underflow_threshold)
     assert fwd == engine.forward.events
@@ -94,7 +94,7 @@ def test_a_planted_chain_failure_is_reproduced():
     r = probe_case(model, x, "fp16", "emulated")
     engine_layer = run_case(case).forward.events.first_overflow
     assert engine_layer is not None
-    assert r.forward.events.first_overflow == 2 * engine_layer - 1  # Linear l is probe layer 2l - 1
+    assert r.forward.events.first_overflow == 2 * engine_layer  # the input is layer 1, Linear l layer 2l
     assert _site(r, "first_overflow")["name"] == f"{2 * engine_layer - 2}:mm"
 
 
@@ -116,6 +116,25 @@ def test_fp16_attention_score_overflow_is_named_at_the_score_matmul():
     assert site["value"] == pytest.approx(_max_score(model, x), rel=1e-2)
     assert bf16.failure is None and _site(bf16, "first_overflow") is None
     assert "math" == fp16.case.attention
+
+
+def test_an_input_already_past_the_range_is_named_as_the_overflow_site():
+    """fp16, inputs x1e5: rounding on entry makes them inf. The input is layer 1, named as such; the
+    value is the largest input and the first model op inherits the inf (NaN there, not an overflow)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4)) * 1e5
+    fp16, bf16 = probe(model, x, formats=("fp16", "bf16"), modes="emulated").cases
+    site = _site(fp16, "first_overflow")
+    assert (site["layer"], site["name"]) == (1, "(input):args[0]") and fp16.probe["layer_names"][0] == site["name"]
+    assert fp16.failure == {"direction": "forward", "layer": 1, "kind": "overflow"}
+    largest = float(x.abs().max())
+    assert abs(site["value"]) == largest and site["headroom_bits"] == pytest.approx(
+        math.log2(get_format("fp16").overflow_threshold / largest))
+    assert _site(fp16, "first_nonfinite")["layer"] == 1 and fp16.forward.events.first_nan == 2
+    assert bf16.failure is None and bf16.probe["layer_names"][0] == "(input):args[0]"
+    kw = probe(nn.Linear(32, 4), {"input": x}, formats="fp16", modes="emulated").cases[0]
+    assert _site(kw, "first_overflow")["name"] == "(input):kwargs['input']"
 
 
 def _max_score(model, x):
@@ -156,17 +175,17 @@ def test_cnn_layers_are_named_by_module_and_a_planted_conv_overflow_is_found():
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ok = probe(model, x, formats="fp16", modes="emulated").cases[0]
     modules = [n.split(":")[0] for n in ok.probe["layer_names"]]
-    assert modules[0] == "0" and {"1", "2", "3", "4", "5", "7"} <= set(modules)
+    assert modules[:2] == ["(input)", "0"] and {"1", "2", "3", "4", "5", "7"} <= set(modules)
     assert ok.failure is None
     # conv output amax equals an independent fp32 forward, rounded
     with torch.no_grad():
         ref = model[0](x.half().float()).half().float().abs().max()
-    assert ok.forward.post["amax"][0] == pytest.approx(float(ref), rel=1e-3)
+    assert ok.forward.post["amax"][1] == pytest.approx(float(ref), rel=1e-3)
     with torch.no_grad():
         model[0].weight.mul_(3e4)  # weights up to ~6e3 still fit fp16; their sums of 27 products do not
     big = probe(model, x, formats="fp16", modes="emulated").cases[0]
     assert _site(big, "first_overflow")["name"] == "0:convolution"
-    assert big.failure["layer"] == 1
+    assert big.failure["layer"] == 2
 
 
 def test_mlp_of_default_linears_matches_a_manual_rounded_forward():
@@ -186,8 +205,8 @@ def test_mlp_of_default_linears_matches_a_manual_rounded_forward():
             h = np.maximum(h, 0)
         amax.append(np.abs(h).max())
     names = r.probe["layer_names"]
-    assert [n.split(":")[0] for n in names] == ["0", "1", "2", "3", "4"]
-    np.testing.assert_allclose(r.forward.post["amax"], amax, rtol=2e-3)  # fp16 ulp: 2^-10
+    assert [n.split(":")[0] for n in names] == ["(input)", "0", "1", "2", "3", "4"]
+    np.testing.assert_allclose(r.forward.post["amax"][1:], amax, rtol=2e-3)  # fp16 ulp: 2^-10
     assert r.failure is None and r.backward is not None and r.backward.loss_scale["recommended"] == 1.0
 
 

@@ -26,6 +26,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..formats import FORMATS, Format
 from .ops import float_tensors, is_layer, leaves, op_kind, scalars_finite
 from .record import Recorder
+from .tracker import INPUT
 
 __all__ = ["Observer", "round_tensor"]
 
@@ -70,6 +71,33 @@ class Observer(TorchDispatchMode):
         self.param_layer: dict[int, tuple] = {}  # id(param) -> (layer, param)
         self.pending: list = []  # (output, layer): hooks to register once autograd has seen it
         self.handles: list = []
+
+    # ---- the model's inputs ----
+
+    def enter_inputs(self, args, kwargs) -> tuple[tuple, dict]:
+        """Round the model's floating inputs (in the wide precision) on entry, outside the dispatch:
+        emulated to the format, kept in the wide dtype; native cast to it. Each is a layer of its
+        own, ``(input):args[0]``, ``(input):kwargs['mask']``, judged as a correct rounding, so an
+        input already past the format's range is an overflow named at the input itself."""
+        from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
+
+        flat, spec = tree_flatten_with_path((tuple(args), dict(kwargs)))
+        out = []
+        for path, t in flat:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t = self._enter_input(("args" if path[0].idx == 0 else "kwargs") + keystr(path[1:]), t.detach())
+            out.append(t)
+        return tree_unflatten(out, spec)
+
+    def _enter_input(self, label: str, exact):
+        rounded = round_tensor(exact, self.fmt) if self.emulated else exact.to(self.fmt.torch_dtype())
+        finite = bool(torch.isfinite(exact).all())
+        layer = self.rec.add_layer(INPUT, label, exact, rounded, self.fmt, native=False, inputs_finite=finite)
+        self.finite_of[rounded] = not self.rec.nonfinite[-1]
+        if self.backward:
+            rounded.requires_grad_(True)
+            self.handles.append(rounded.register_hook(self._grad_hook(layer, "out")))
+        return rounded
 
     # ---- hooks ----
 

@@ -74,7 +74,9 @@ def check_model(model, example_inputs) -> None:
 
 
 def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
-    """The case's copy of the model and its inputs, as the mode wants them."""
+    """The case's copy of the model (emulated: its parameters rounded to the format; native: cast)
+    and its inputs on the device, floating ones in the wide precision: emulated and native round
+    them on entry (``Observer.enter_inputs``), autocast takes them as they are."""
     m = copy.deepcopy(model).to(device).eval()
     wide = fmt.wide().torch_dtype()
     dtype = wide if mode == "emulated" else fmt.torch_dtype() if mode == "native" else None
@@ -83,10 +85,8 @@ def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             return t.to(device) if isinstance(t, torch.Tensor) else t
         t = t.detach().to(device)
-        if mode == "emulated":
-            t = round_tensor(t.to(wide), fmt)
-        elif dtype is not None:
-            t = t.to(dtype)
+        if mode != "autocast":
+            return t.to(wide)
         return t.requires_grad_(backward)
 
     with torch.no_grad():
@@ -148,16 +148,17 @@ class Watch:
         self.name = model_name or type(model).__name__
         self.input_shape = input_shape
         self.recorder = Recorder(self.fmt, underflow_threshold, stats=stats)
+        self.modules = ModuleStack(model)
+        self.observer = Observer(self.recorder, self.modules, self.fmt, emulated=self.mode == "emulated",
+                                 backward=backward, params=list(model.parameters()))
         self._stack = contextlib.ExitStack()
         self._t0 = 0.0
         self.seconds = 0.0
 
     def __enter__(self) -> "Watch":
         self._t0 = time.perf_counter()
-        modules = self._stack.enter_context(ModuleStack(self.model))
+        self._stack.enter_context(self.modules)
         self._stack.enter_context(_mode_context(self.mode, self.device, self.fmt))
-        self.observer = Observer(self.recorder, modules, self.fmt, emulated=self.mode == "emulated",
-                                 backward=self.backward, params=list(self.model.parameters()))
         self._stack.enter_context(self.observer)
         return self
 
@@ -248,6 +249,8 @@ def probe_case(model, example_inputs, fmt_name: str, mode: str, *, backward: boo
     m, args, kwargs = prepare(model, example_inputs, fmt, mode, device, backward)
     w = Watch(m, fmt.name, mode, device=device, underflow_threshold=underflow_threshold, loss_scale=loss_scale,
               model_name=model_name or type(model).__name__, backward=backward, input_shape=_shape_label(args))
+    if mode != "autocast":
+        args, kwargs = w.observer.enter_inputs(args, kwargs)
     step(w, args, kwargs, seed=seed, loss_fn=loss_fn)
     result = w.result()
     from dataclasses import replace
