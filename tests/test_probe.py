@@ -370,6 +370,19 @@ def test_least_headroom_and_the_overflow_site_are_one_figure():
     assert least["bits"] == pytest.approx(math.log2(t_of / _max_score(model, x)), abs=2e-2)
 
 
+def test_loss_scale_advice_after_nan_gradients_claims_no_safety():
+    """The score matmul overflows, softmax goes NaN and so do the gradients below it: the advice must
+    not say a scale fits (it said 'no loss scaling is needed': exact_amax reads NaN as 0)."""
+    model, x = _encoder(), torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)) * 300
+    r = probe(model, x, formats="fp16", modes="emulated").cases[0]
+    assert r.backward.events.first_nan is not None
+    advice = r.backward.loss_scale
+    assert advice["recommended"] is None and advice["max_safe_scale"] is None
+    layer = _site(r, "first_overflow")["layer"]
+    assert f"after the forward pass overflowed at layer {layer}" in advice["verdict"]
+    assert "fits" not in advice["verdict"] and "no loss scaling is needed" not in advice["verdict"]
+
+
 def test_least_headroom_without_a_failure_reads_exact_values():
     """Nothing fails: the figure is the largest exact (pre-rounding) output over the layers, from a
     float64 forward written out by hand; the rounded amax would be off by up to 2^-11 relative."""

@@ -187,12 +187,9 @@ def _case_result(case: ProbeCase, rec: Recorder, backward: bool, seconds: float)
     bwd = None
     if backward:
         bevents, grad, wgrad = rec.backward_events()
-        recorded = _np.array(sorted(rec.backward.rows["out"]), dtype=int) - 1
-        with_params = _np.array(sorted(rec.backward.rows["wgrad"]), dtype=int) - 1
-        pick = lambda c, rows: {k: (None if v is None else v[rows]) for k, v in c.items()}  # noqa: E731
-        advice = loss_scale_advice({"grad": pick(grad, recorded), "grad_pre": pick(grad, recorded),
-                                    "wgrad": pick(wgrad, with_params)}, rec.fmt, case.underflow_threshold,
-                                   case.loss_scale) if len(recorded) else None
+        # layers no gradient reached are NaN rows, which the advice leaves out
+        advice = loss_scale_advice({"grad": grad, "grad_pre": grad, "wgrad": wgrad}, rec.fmt, case.underflow_threshold,
+                                   case.loss_scale, forward_failure=events.failure) if rec.backward.rows["out"] else None
         bwd = BackwardResult(bevents, grad, grad, wgrad, loss_scale=advice)
     probe = {"layer_names": list(rec.names), "layer_formats": [f.name for f in rec.formats],
              "event_sites": rec.sites(), "least_headroom": rec.least_headroom()}
