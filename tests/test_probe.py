@@ -514,6 +514,54 @@ def test_mlp_of_default_linears_matches_a_manual_rounded_forward():
     assert r.failure is None and r.backward is not None and r.backward.loss_scale["recommended"] == 1.0
 
 
+def _mlp(seed=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("fmt_name", ["fp16", "bf16"])
+def test_native_mode_runs_the_kernels_and_judges_them_against_fp32(fmt_name):
+    """model.to(dtype) on the CPU's own kernels: the same ops as emulated mode, values within the
+    format's rounding of it; planted weights x1e5 overflow fp16's addmm kernel to inf, and the site's
+    value is that addmm recomputed in fp32 from the kernel's own fp16 operands (written out here)."""
+    model, fmt = _mlp(), get_format(fmt_name)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    emulated, native = probe(model, x, formats=fmt_name, modes=("emulated", "native")).cases
+    assert native.status == "ok" and native.case.mode == "native" and native.failure is None
+    assert native.probe["layer_names"] == emulated.probe["layer_names"]
+    assert set(native.probe["layer_formats"]) == {fmt_name}
+    np.testing.assert_allclose(native.forward.post["amax"], emulated.forward.post["amax"], rtol=4 * fmt.eps)
+    np.testing.assert_allclose(native.backward.grad["amax"][1:], emulated.backward.grad["amax"][1:], rtol=0.05)
+    with torch.no_grad():
+        model[0].weight.mul_(1e5)  # weights up to ~2e4 still fit fp16; their sums do not
+    big = probe(model, x, formats=fmt_name, modes="native").cases[0]
+    if fmt_name == "bf16":
+        assert big.failure is None
+        return
+    site = _site(big, "first_overflow")
+    assert (site["layer"], site["name"]) == (2, "0:addmm") and big.failure["layer"] == 2
+    lin = model[0]
+    with torch.no_grad():  # the kernel's operands are fp16; its exact value is the op on them, in fp32
+        exact = torch.addmm(lin.bias.half().float(), x.half().float(), lin.weight.half().float().T)
+    assert abs(site["value"]) == pytest.approx(float(exact.abs().max()), rel=1e-6)
+    assert float(exact.abs().max()) > fmt.overflow_threshold
+
+
+def test_native_mode_skips_a_case_whose_op_has_no_kernel_and_names_the_op():
+    """fp8 on the CPU: torch has fp8 matmuls there but no fp8 ReLU. The case is skipped, never dropped,
+    and the reason names the model's op; where torch has the kernel, the case runs."""
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    r = probe(_mlp(), x, formats="fp8_e4m3fn", modes="native").cases[0]
+    try:
+        torch.relu(torch.zeros(2, dtype=torch.float8_e4m3fn))
+    except NotImplementedError:
+        assert r.status == "skipped"
+        assert r.skip_reason.startswith("native fp8_e4m3fn cannot run here: 1:relu has no kernel for its inputs")
+        assert "\n" not in r.skip_reason
+    else:
+        assert r.status == "ok", r.skip_reason
+
+
 # ---------------------------------------------------------------- data model
 
 def test_results_round_trip_and_stable_ids(tmp_path):

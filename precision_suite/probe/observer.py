@@ -28,7 +28,7 @@ from .ops import float_tensors, is_layer, leaves, op_kind, scalars_finite
 from .record import Recorder
 from .tracker import INPUT
 
-__all__ = ["Observer", "round_tensor"]
+__all__ = ["Observer", "round_tensor", "unobserved"]
 
 _DTYPE_FORMAT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
@@ -43,9 +43,10 @@ def round_tensor(x, fmt: Format):
 
 
 @contextlib.contextmanager
-def _unobserved(device_type: str):
-    """The statistics of a gradient, taken in a hook while the backward pass runs under this mode
-    (and autocast): their own ops must be neither rounded nor recorded nor autocast."""
+def unobserved(device_type: str):
+    """Ops that are the probe's own, not the model's: the statistics of a gradient, taken in a hook
+    while the backward pass runs under this mode (and autocast), and the seed gradient. They must be
+    neither rounded nor recorded nor autocast."""
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes(), torch.autocast(device_type, enabled=False):
@@ -111,7 +112,7 @@ class Observer(TorchDispatchMode):
     def _grad_hook(self, layer: int, tensor: str):
         def hook(g):
             exact = self.exact_of.get(g)
-            with _unobserved(g.device.type):
+            with unobserved(g.device.type):
                 self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
         return hook
 
@@ -144,7 +145,12 @@ class Observer(TorchDispatchMode):
         snapshot = None
         if not self.emulated and not in_backward and inplace and inputs:
             snapshot = args[0].clone()  # the operand as it was, for the exact recompute
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except NotImplementedError as e:  # no kernel for this dtype here: the case is skipped, naming the op
+            where = f"the backward op {name}" if in_backward else f"{self.modules.current}:{name}"
+            raise NotImplementedError(f"{where} has no kernel for its inputs "
+                                      f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         # autocast's cast of a parameter is bookkeeping: the op consuming the weight is the layer
         if not is_layer(kind, inputs, out) or (kind == "cast" and inputs[0] in self.origin):
             self._pass_through(func, args, kwargs, out, in_backward, flat, inputs)
@@ -169,8 +175,8 @@ class Observer(TorchDispatchMode):
 
     def _finite(self, t) -> bool:
         known = self.finite_of.get(t)
-        if known is None:  # a parameter, buffer or input: checked once
-            known = self.finite_of[t] = bool(torch.isfinite(t).all())
+        if known is None:  # a parameter, buffer or input: checked once (fp8 has no isfinite kernel)
+            known = self.finite_of[t] = bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())
         return known
 
     def _round_gradients(self, out, inplace: bool):

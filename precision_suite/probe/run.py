@@ -28,7 +28,7 @@ from ..formats import get_format, round_to_format
 from ..loss_scale import loss_scale_advice
 from ..results import BackwardResult, CaseResult, ForwardResult, Results
 from .case import PROBE_MODES, ProbeCase, ProbeError
-from .observer import Observer, round_tensor
+from .observer import Observer, round_tensor, unobserved
 from .record import Recorder
 from .tracker import ModuleStack
 
@@ -268,7 +268,8 @@ def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
         if not w.backward:
             return
         if loss_fn is None:
-            tensors, grads = _seed_grads(out, seed, w.fmt, w.loss_scale)
+            with unobserved(torch.device(w.device).type):
+                tensors, grads = _seed_grads(out, seed, w.fmt, w.loss_scale)
             w.observer.flush()
             if tensors:
                 torch.autograd.backward(tensors, grads)
