@@ -628,6 +628,49 @@ def test_bad_input_is_one_clear_line(model, inputs, says):
     assert "\n" not in str(info.value)
 
 
+class _PassThrough(nn.Module):
+    """Parameters, but no op: it returns its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("mode", ["emulated", "autocast", "native"])
+def test_a_model_that_runs_no_op_is_refused_in_every_mode(mode):
+    """Emulated and native mode record the inputs' rounding on entry: that is no op of the model."""
+    with pytest.raises(ProbeError, match="_PassThrough ran no floating-point ops"):
+        probe(_PassThrough(), torch.randn(2, 3), formats="fp16", modes=mode)
+
+
+def test_nested_outputs_each_get_a_seed_gradient():
+    """A dict holding a tuple: every floating output starts the backward pass (g drawn per output, in
+    the order of the output's leaves), so both heads' ops have gradients."""
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return {"h": h, "pair": (self.b(h), torch.relu(h))}
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    r = probe(Heads(), x, formats="fp16", modes="emulated").cases[0]
+    assert r.probe["layer_names"] == ["(input):args[0]", "a:addmm", "b:addmm", "(root):relu"]
+    rng = np.random.default_rng([0, 3])
+    fp16 = get_format("fp16")
+    seeds = [round_to_format(rng.standard_normal(shape), fp16) for shape in ((3, 4), (3, 2), (3, 4))]
+    assert r.backward.grad["amax"][2] == float(np.abs(seeds[1]).max())  # b's output: its own seed only
+    assert r.backward.grad["amax"][3] == float(np.abs(seeds[2]).max())  # relu's output
+    assert np.all(np.isfinite(r.backward.grad["amax"]))
+
+
 @pytest.mark.parametrize("kw, says", [({"formats": "fp64"}, "no wider format"), ({"modes": "fast"}, "valid: emulated"),
                                       ({"formats": "fp17"}, "unknown format")])
 def test_bad_options_name_the_valid_choices(kw, says):

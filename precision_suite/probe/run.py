@@ -30,7 +30,7 @@ from ..results import BackwardResult, CaseResult, ForwardResult, Results
 from .case import PROBE_MODES, ProbeCase, ProbeError
 from .observer import Observer, round_tensor, unobserved
 from .record import Recorder
-from .tracker import ModuleStack
+from .tracker import INPUT, ModuleStack
 
 __all__ = ["probe", "watch", "probe_case", "Watch"]
 
@@ -172,7 +172,7 @@ class Watch:
     def result(self) -> CaseResult:
         """The case recorded so far (forward, and backward if gradients reached the recorded ops)."""
         rec = self.recorder
-        if rec.depth == 0:
+        if all(m == INPUT for m in rec.modules):  # its inputs' rounding on entry is no op of the model
             raise ProbeError(f"{self.name} ran no floating-point ops inside the block: there is nothing to report")
         case = ProbeCase(model=self.name, input_shape=self.input_shape, format=self.fmt.name, mode=self.mode,
                          device=self.device, seed=0, depth=rec.depth,
