@@ -246,8 +246,6 @@ def probe_case(model, example_inputs, fmt_name: str, mode: str, *, backward: boo
     m, args, kwargs = prepare(model, example_inputs, fmt, mode, device, backward)
     w = Watch(m, fmt.name, mode, device=device, underflow_threshold=underflow_threshold, loss_scale=loss_scale,
               model_name=model_name or type(model).__name__, backward=backward, input_shape=_shape_label(args))
-    if mode != "autocast":
-        args, kwargs = w.observer.enter_inputs(args, kwargs)
     step(w, args, kwargs, seed=seed, loss_fn=loss_fn)
     result = w.result()
     from dataclasses import replace
@@ -262,7 +260,10 @@ def prepare(model, example_inputs, fmt, mode: str, device: str, backward: bool):
 
 
 def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
-    """One watched forward (and backward) of ``w.model`` on prepared inputs."""
+    """One watched forward (and backward) of ``w.model`` on prepared inputs (``prepare``): emulated
+    and native mode round them on entry first, each a layer of its own."""
+    if w.mode != "autocast":
+        args, kwargs = w.observer.enter_inputs(args, kwargs)
     with torch.enable_grad() if w.backward else torch.no_grad(), w:
         out = w.model(*args, **kwargs)
         if not w.backward:
