@@ -12,6 +12,9 @@
 Backward statistics are keyed to forward layers: a hook on each layer's output receives the
 gradient w.r.t. it (registered at the next op, once autograd has attached the output's history),
 and a hook on each parameter the gradient w.r.t. it, keyed to the first layer that consumed it.
+The hooks compute with this mode and autocast disabled (``unobserved``): statistics are not ops
+of the model. In emulated and native mode the model's inputs are rounded on entry as layers of
+their own (``enter_inputs``), before the mode is entered.
 """
 
 from __future__ import annotations
