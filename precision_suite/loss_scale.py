@@ -54,7 +54,8 @@ def _smallest_k_above(a: float, limit: float) -> int:
     return k
 
 
-def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_scale: float) -> dict:
+def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_scale: float,
+                      forward_failure: dict | None = None) -> dict:
     """Static loss-scale advice from the exact (wide) gradients of every layer.
 
     ``backward_columns``: {"grad", "grad_pre", "wgrad"} -> column dicts, whose ``exact_amax`` and
@@ -73,21 +74,29 @@ def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_s
     Exact values are computed from rounded operands: below a layer whose gradient underflowed, a
     gradient that vanished entirely shows no magnitude at all, and the verdict says
     min_useful_scale is then only a lower bound.
+
+    Gradients that hold inf or NaN (rounded or exact) get no scale at all: the gradients computed
+    from them were not measured, so no scale can be called safe (``_non_finite_advice``).
+    ``forward_failure`` (the forward pass's ``Events.failure``) says whether the forward pass
+    failed first. A layer whose ``exact_amax`` is NaN was not recorded (a probe's op that no
+    gradient reached) and is left out.
     """
     cols = list(backward_columns.values())
     missing = [name for name in ("exact_amax", "exact_q") if any(c.get(name) is None for c in cols)]
     if missing:
         raise ValueError(f"backward columns lack {', '.join(missing)} (stats.GRAD_EXTRA_STATS): "
                          "the backend must record them for the loss-scale advice")
-    amax = _np.concatenate([_np.asarray(c["exact_amax"], dtype=_np.float64) for c in cols]) / current_scale
-    q = _np.concatenate([_np.asarray(c["exact_q"], dtype=_np.float64) for c in cols]) / current_scale
+    recorded = [~_np.isnan(_np.asarray(c["exact_amax"], dtype=_np.float64)) for c in cols]
+    amax = _np.concatenate([_np.asarray(c["exact_amax"], dtype=_np.float64)[k] for c, k in zip(cols, recorded)])
+    q = _np.concatenate([_np.asarray(c["exact_q"], dtype=_np.float64)[k] for c, k in zip(cols, recorded)])
+    amax, q = amax / current_scale, q / current_scale
     advice = {"max_safe_scale": None, "min_useful_scale": None, "recommended": None, "gradscaler_backoffs": None}
     if not fmt.has_wider:
         advice["verdict"] = f"{fmt.name} has no wider format: its gradients' range cannot be judged"
         return advice
-    if not _np.isfinite(amax).all() or _np.isnan(q).any():
-        advice["verdict"] = ("some gradients are inf/NaN even in the wide precision: no static loss scale "
-                             "can be derived; fix the forward pass first")
+    bad = _first_non_finite(cols)
+    if bad is not None or not _np.isfinite(amax).all() or _np.isnan(q).any():
+        advice["verdict"] = _non_finite_advice(bad, amax, fmt, current_scale, forward_failure)
         return advice
     a, q_min = float(amax.max()), float(q.min())
     if a == 0:
@@ -124,6 +133,38 @@ def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_s
         advice["verdict"] += (f"; the gradients of layers 1..{lost} vanished entirely below an underflow, so "
                               "min_useful_scale is only a lower bound: rerun at the recommended scale")
     return advice
+
+
+def _first_non_finite(cols: list) -> int | None:
+    """The highest layer (backward order: the first reached) where a gradient holds inf or NaN,
+    rounded or exact (``exact_amax`` counts NaN as zero: ``nan_frac`` sees it); None if none does."""
+    bad = _np.zeros(len(_np.asarray(cols[0]["exact_amax"])), dtype=bool)
+    for c in cols:
+        bad |= _np.isinf(_np.asarray(c["exact_amax"], dtype=_np.float64))
+        for name in ("inf_frac", "nan_frac"):
+            if c.get(name) is not None:
+                bad |= _np.nan_to_num(_np.asarray(c[name], dtype=_np.float64)) > 0
+    return int(_np.flatnonzero(bad)[-1]) + 1 if bad.any() else None
+
+
+def _non_finite_advice(layer: int | None, amax: _np.ndarray, fmt: Format, current_scale: float,
+                       forward_failure: dict | None) -> str:
+    """The verdict when some gradient is inf/NaN: why, as far as the columns tell, and no scale."""
+    where = f" (first at layer {layer} in backward order)" if layer is not None else ""
+    if forward_failure and forward_failure.get("kind") in ("overflow", "nan"):
+        kind = "overflowed" if forward_failure["kind"] == "overflow" else "went NaN"
+        return (f"the gradients hold inf/NaN{where} after the forward pass {kind} at layer {forward_failure['layer']}: "
+                "no loss scale can make them finite; fix the forward pass first")
+    finite = amax[_np.isfinite(amax)]
+    if finite.size and fmt.overflows(current_scale * finite.max()):
+        k = _largest_safe_k(float(finite.max()), fmt)
+        return (f"the gradients hold inf/NaN{where} at the current scale {current_scale:g}: a gradient overflows "
+                f"{fmt.name} at scales above 2^{k}, and the gradients computed from the overflowed ones were not "
+                f"measured, so no scale is known to be safe; rerun at 2^{k} or lower")
+    head = f"some gradients are inf/NaN even in the wide precision{where}: no static loss scale can be derived from them"
+    if current_scale > 1:  # the loss's own gradient, scaled, may be what overflowed
+        return f"{head}; rerun at scale 1 to see whether the current scale {current_scale:g} made them"
+    return f"{head}, and no loss scale makes them finite"
 
 
 def _lost_below(*flow) -> int | None:

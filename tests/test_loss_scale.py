@@ -144,3 +144,59 @@ def test_rerun_with_recommended_scale_removes_gradient_underflow(chain):
           f"first_overflow {before.first_overflow} -> {after.first_overflow}")
     assert after.first_underflow is None and after.first_overflow is None and after.first_nan is None
     assert rerun.backward.loss_scale["recommended"] == scale, "the advice must not depend on the scale it ran at"
+
+
+# ---- gradients that hold inf/NaN: no scale is called safe ----
+
+def _with(c, **cols):
+    return {**c, **{k: np.asarray(v, dtype=float) for k, v in cols.items()}}
+
+
+def test_nan_gradients_get_no_scale_even_though_exact_amax_counts_nan_as_zero():
+    """exact_amax reads NaN as 0, so a NaN gradient looks small: the advice must read nan_frac too."""
+    c = _with(cols([1.0, 2.0**-3], [2.0**-20, 2.0**-24]), nan_frac=[0.0, 0.5], inf_frac=[0.0, 0.0])
+    a = loss_scale_advice({"grad": c, "grad_pre": c, "wgrad": c}, FP16, 0.01, 1.0)
+    assert a["recommended"] is None and a["max_safe_scale"] is None and a["min_useful_scale"] is None
+    assert "layer 2" in a["verdict"] and "inf/NaN" in a["verdict"]
+    assert "fits" not in a["verdict"] and "no loss scaling is needed" not in a["verdict"]
+    fwd = loss_scale_advice({"grad": c, "grad_pre": c, "wgrad": c}, FP16, 0.01, 1.0,
+                            forward_failure={"layer": 5, "kind": "overflow"})
+    assert "forward pass overflowed at layer 5" in fwd["verdict"] and fwd["recommended"] is None
+
+
+def test_a_gradient_overflowed_by_the_scale_names_the_largest_scale_it_fits():
+    """Layer 3's exact gradient is finite but past T_of at scale 2^8; below it the gradients are inf."""
+    scale = 2.0**8
+    c = _with(cols([2.0**-5, 2.0**-4, 2.0**9], [2.0**-30] * 3, scale=scale), inf_frac=[1.0, 1.0, 0.1],
+              nan_frac=[0.0, 0.0, 0.0])
+    c["exact_amax"][:2] = math.inf
+    a = loss_scale_advice({"grad": c, "grad_pre": c, "wgrad": c}, FP16, 0.01, scale)
+    assert a["recommended"] is None
+    assert "first at layer 3" in a["verdict"] and "rerun at 2^6 or lower" in a["verdict"]  # 2^6 * 2^9 < 65520
+
+
+def test_layers_no_gradient_reached_are_left_out():
+    """A probe's op whose output no gradient reached is a NaN row: it is not a NaN gradient."""
+    c = cols([1.0, math.nan, 2.0**-3], [2.0**-20, math.nan, 2.0**-24])
+    a = loss_scale_advice({"grad": c, "grad_pre": c, "wgrad": c}, FP16, 0.01, 1.0)
+    assert a["max_safe_scale"] == 2.0**15 and a["recommended"] is not None
+
+
+def test_chain_advice_after_a_forward_overflow_says_so():
+    """fp8_e4m3fn has no inf: the forward overflow is NaN, and so are the gradients; fp16's are inf."""
+    for fmt in ("fp8_e4m3fn", "fp16"):
+        r = run_case(init="normal", activation="relu", format=fmt, width=64, depth=10, batch=16)
+        f = r.forward.events.failure
+        assert f["kind"] == "overflow" and r.backward.events.first_nan is not None
+        a = r.backward.loss_scale
+        assert a["recommended"] is None and f"forward pass overflowed at layer {f['layer']}" in a["verdict"]
+
+
+def test_chain_rerun_at_the_advised_scale_keeps_the_gradients_finite():
+    """At 2^11 a gradient overflows fp16; a rerun at the scale the advice names keeps every gradient finite."""
+    shape = {"init": "kaiming_normal", "activation": "relu", "format": "fp16", "width": 64, "depth": 10, "batch": 16}
+    r = run_case(**shape, loss_scale=2.0**11)
+    assert r.backward.events.first_overflow is not None
+    k = int(r.backward.loss_scale["verdict"].split("rerun at 2^")[1].split()[0])
+    again = run_case(**shape, loss_scale=2.0**k)
+    assert again.backward.events.failure is None and again.backward.loss_scale["recommended"] is not None

@@ -666,3 +666,69 @@ def test_page_forbids_every_network_load(results):
     page = render_report(results)
     csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
     assert csp and "default-src 'none'" in csp.group(1) and "connect-src 'none'" in csp.group(1)
+
+
+# ---------------------------------------------------------------- probe cases
+
+@pytest.fixture(scope="module")
+def probe_results() -> Results:
+    """An encoder whose fp16 scores overflow in emulated mode (not under autocast's fused attention),
+    and a healthy MLP: two models, two modes each."""
+    torch = pytest.importorskip("torch")
+    from precision_suite.probe import probe
+
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1)) * 300
+    a = probe(enc, x, formats=("fp16", "bf16"), modes=("emulated", "autocast"), model_name="encoder")
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    b = probe(mlp, torch.randn(8, 32, generator=torch.Generator().manual_seed(4)), formats="fp16",
+              modes=("emulated", "autocast"), model_name="mlp")
+    return Results(a.cases + b.cases, a.environments)
+
+
+def test_probe_cases_read_as_models_with_a_row_per_mode_and_a_column_per_format(probe_results):
+    """One heatmap per model and input shape (the emulated and autocast cases of a model have different
+    op counts and used to land in separate heatmaps, labelled 'init input 2x16x64'), each failing cell
+    naming its op, no theory lines and no 'across inits' charts (ops of different modes do not line up)."""
+    dom = _dom(render_report(probe_results))
+    groups = list(dom.find_all("section", cls="group"))
+    titles = [next(g.find_all("h2")).all_text().replace("#", "").strip() for g in groups]
+    assert titles == ["encoder · input 2x16x64", "mlp · input 8x32"]
+    enc = groups[0]
+    assert [th.all_text().strip() for th in next(enc.find_all("thead")).find_all("th")] == ["mode", "fp16", "bf16"]
+    assert [next(tr.find_all("th")).all_text().strip() for tr in next(enc.find_all("tbody")).find_all("tr")] == \
+        ["emulated", "autocast"]
+    failing = [r for r in probe_results.cases if r.failure]
+    assert [(r.case.format, r.case.mode) for r in failing] == [("fp16", "emulated")]
+    r = failing[0]
+    site = r.probe["event_sites"]["first_overflow"]
+    assert site["name"] == "self_attn:bmm"
+    assert _cell_lines(next(enc.find_all("td", data_id=r.id))) == [f"overflow @ {r.failure['layer']}",
+                                                                    "at self_attn:bmm"]
+    for g in groups:
+        assert "theory" not in g.all_text() and "Across inits" not in g.all_text()
+        assert not list(g.find_all("div", cls="chart"))
+    summary = next(dom.find_all("section", id="summary")).all_text()
+    assert f"fp16 emulated (overflow @ {r.failure['layer']} at self_attn:bmm)" in summary
+    assert "mlp · input 8x32: all 2 format × mode cases survive" in " ".join(summary.split())
+    axes = next(dom.find_all("dl", cls="axes")).all_text()
+    assert "model" in axes and "encoder, mlp" in axes and "init" not in axes
+    section = next(d for d in dom.find_all("details", cls="case") if d.attrs["data-id"] == r.id).all_text()
+    lh = r.probe["least_headroom"]
+    assert lh["bits"] == site["headroom_bits"]  # one figure: the event site's and the case's least headroom
+    assert f"{lh['bits']:+.1f} bits at layer {site['layer']} (self_attn:bmm, forward)" in section
+    assert "none left" not in section  # the rounded amax's reading of the same op is not shown beside it
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+def test_a_probe_case_renders_in_headless_chromium_with_its_charts(probe_results, tmp_path):
+    path = write_report(probe_results, tmp_path / "report.html")
+    healthy = next(r for r in probe_results.cases if r.case.model == "mlp" and r.case.mode == "emulated")
+    anchor = next(d.attrs["id"] for d in _dom(path.read_text()).find_all("details", cls="case")
+                  if d.attrs["data-id"] == healthy.id)
+    shot = render_in_chromium(path, fragment=f"#{anchor}", min_charts=4)
+    assert shot["problems"] == [] and not shot["error_banner"]
+    assert shot["open"] == [healthy.id]
+    assert shot["charts"] >= 4 and shot["inked"] == shot["charts"]  # no empty chart on the page

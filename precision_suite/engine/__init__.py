@@ -181,7 +181,7 @@ def _finish(chain, g64) -> CaseResult:
         grad, grad_pre, wgrad = chain.columns("grad"), chain.columns("grad_pre"), chain.columns("wgrad")
         grad_gemm_in = chain.columns("grad_gemm_in") if scaled else None
         advice = loss_scale_advice({"grad": grad, "grad_pre": grad_pre, "wgrad": wgrad}, fmt, case.underflow_threshold,
-                                   case.loss_scale)
+                                   case.loss_scale, forward_failure=fwd.events.failure)
         bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold, grad_gemm_in),
                              grad, grad_pre, wgrad, loss_scale=advice, grad_gemm_in=grad_gemm_in)
     return CaseResult(case, status="ok", forward=fwd, backward=bwd, theory=predict(case))

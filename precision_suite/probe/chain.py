@@ -107,7 +107,7 @@ def _run(case, backward: bool) -> CaseResult:
         grad_all, wgrad_all = rec.backward_columns()
         grad, grad_pre, wgrad = _pick(grad_all, post), _pick(grad_all, pre), _pick(wgrad_all, pre)
         advice = loss_scale_advice({"grad": grad, "grad_pre": grad_pre, "wgrad": wgrad}, fmt,
-                                   case.underflow_threshold, case.loss_scale)
+                                   case.underflow_threshold, case.loss_scale, forward_failure=fwd.events.failure)
         bwd = BackwardResult(backward_events(grad, grad_pre, wgrad, case.underflow_threshold), grad, grad_pre, wgrad,
                              loss_scale=advice)
     return CaseResult(case, status="ok", forward=fwd, backward=bwd, theory=predict(case),

@@ -12,9 +12,14 @@
 Backward statistics are keyed to forward layers: a hook on each layer's output receives the
 gradient w.r.t. it (registered at the next op, once autograd has attached the output's history),
 and a hook on each parameter the gradient w.r.t. it, keyed to the first layer that consumed it.
+The hooks compute with this mode and autocast disabled (``unobserved``): statistics are not ops
+of the model. In emulated and native mode the model's inputs are rounded on entry as layers of
+their own (``enter_inputs``), before the mode is entered.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,8 +29,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..formats import FORMATS, Format
 from .ops import float_tensors, is_layer, leaves, op_kind, scalars_finite
 from .record import Recorder
+from .tracker import INPUT
 
-__all__ = ["Observer", "round_tensor"]
+__all__ = ["Observer", "round_tensor", "unobserved"]
 
 _DTYPE_FORMAT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
@@ -37,6 +43,17 @@ def round_tensor(x, fmt: Format):
     the format has none (torch's fp8_e4m3fn cast saturates instead)."""
     r = x.to(fmt.torch_dtype()).to(x.dtype)
     return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), torch.nan, r)
+
+
+@contextlib.contextmanager
+def unobserved(device_type: str):
+    """Ops that are the probe's own, not the model's: the statistics of a gradient, taken in a hook
+    while the backward pass runs under this mode (and autocast), and the seed gradient. They must be
+    neither rounded nor recorded nor autocast."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.autocast(device_type, enabled=False):
+        yield
 
 
 def _format_of(dtype) -> Format:
@@ -59,6 +76,33 @@ class Observer(TorchDispatchMode):
         self.pending: list = []  # (output, layer): hooks to register once autograd has seen it
         self.handles: list = []
 
+    # ---- the model's inputs ----
+
+    def enter_inputs(self, args, kwargs) -> tuple[tuple, dict]:
+        """Round the model's floating inputs (in the wide precision) on entry, outside the dispatch:
+        emulated to the format, kept in the wide dtype; native cast to it. Each is a layer of its
+        own, ``(input):args[0]``, ``(input):kwargs['mask']``, judged as a correct rounding, so an
+        input already past the format's range is an overflow named at the input itself."""
+        from torch.utils._pytree import keystr, tree_flatten_with_path, tree_unflatten
+
+        flat, spec = tree_flatten_with_path((tuple(args), dict(kwargs)))
+        out = []
+        for path, t in flat:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                t = self._enter_input(("args" if path[0].idx == 0 else "kwargs") + keystr(path[1:]), t.detach())
+            out.append(t)
+        return tree_unflatten(out, spec)
+
+    def _enter_input(self, label: str, exact):
+        rounded = round_tensor(exact, self.fmt) if self.emulated else exact.to(self.fmt.torch_dtype())
+        finite = bool(torch.isfinite(exact).all())
+        layer = self.rec.add_layer(INPUT, label, exact, rounded, self.fmt, native=False, inputs_finite=finite)
+        self.finite_of[rounded] = not self.rec.nonfinite[-1]
+        if self.backward:
+            rounded.requires_grad_(True)
+            self.handles.append(rounded.register_hook(self._grad_hook(layer, "out")))
+        return rounded
+
     # ---- hooks ----
 
     def flush(self) -> None:
@@ -71,7 +115,8 @@ class Observer(TorchDispatchMode):
     def _grad_hook(self, layer: int, tensor: str):
         def hook(g):
             exact = self.exact_of.get(g)
-            self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
+            with unobserved(g.device.type):
+                self.rec.add_grad(layer, tensor, g if exact is None else exact, g, native=not self.emulated)
         return hook
 
     def _claim_params(self, layer: int, inputs: list) -> None:
@@ -103,7 +148,12 @@ class Observer(TorchDispatchMode):
         snapshot = None
         if not self.emulated and not in_backward and inplace and inputs:
             snapshot = args[0].clone()  # the operand as it was, for the exact recompute
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except NotImplementedError as e:  # no kernel for this dtype here: the case is skipped, naming the op
+            where = f"the backward op {name}" if in_backward else f"{self.modules.current}:{name}"
+            raise NotImplementedError(f"{where} has no kernel for its inputs "
+                                      f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         # autocast's cast of a parameter is bookkeeping: the op consuming the weight is the layer
         if not is_layer(kind, inputs, out) or (kind == "cast" and inputs[0] in self.origin):
             self._pass_through(func, args, kwargs, out, in_backward, flat, inputs)
@@ -128,8 +178,8 @@ class Observer(TorchDispatchMode):
 
     def _finite(self, t) -> bool:
         known = self.finite_of.get(t)
-        if known is None:  # a parameter, buffer or input: checked once
-            known = self.finite_of[t] = bool(torch.isfinite(t).all())
+        if known is None:  # a parameter, buffer or input: checked once (fp8 has no isfinite kernel)
+            known = self.finite_of[t] = bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())
         return known
 
     def _round_gradients(self, out, inplace: bool):

@@ -28,9 +28,9 @@ from ..formats import get_format, round_to_format
 from ..loss_scale import loss_scale_advice
 from ..results import BackwardResult, CaseResult, ForwardResult, Results
 from .case import PROBE_MODES, ProbeCase, ProbeError
-from .observer import Observer, round_tensor
+from .observer import Observer, round_tensor, unobserved
 from .record import Recorder
-from .tracker import ModuleStack
+from .tracker import INPUT, ModuleStack
 
 __all__ = ["probe", "watch", "probe_case", "Watch"]
 
@@ -74,7 +74,9 @@ def check_model(model, example_inputs) -> None:
 
 
 def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
-    """The case's copy of the model and its inputs, as the mode wants them."""
+    """The case's copy of the model (emulated: its parameters rounded to the format; native: cast)
+    and its inputs on the device, floating ones in the wide precision: emulated and native round
+    them on entry (``Observer.enter_inputs``), autocast takes them as they are."""
     m = copy.deepcopy(model).to(device).eval()
     wide = fmt.wide().torch_dtype()
     dtype = wide if mode == "emulated" else fmt.torch_dtype() if mode == "native" else None
@@ -83,10 +85,8 @@ def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             return t.to(device) if isinstance(t, torch.Tensor) else t
         t = t.detach().to(device)
-        if mode == "emulated":
-            t = round_tensor(t.to(wide), fmt)
-        elif dtype is not None:
-            t = t.to(dtype)
+        if mode != "autocast":
+            return t.to(wide)
         return t.requires_grad_(backward)
 
     with torch.no_grad():
@@ -148,16 +148,17 @@ class Watch:
         self.name = model_name or type(model).__name__
         self.input_shape = input_shape
         self.recorder = Recorder(self.fmt, underflow_threshold, stats=stats)
+        self.modules = ModuleStack(model)
+        self.observer = Observer(self.recorder, self.modules, self.fmt, emulated=self.mode == "emulated",
+                                 backward=backward, params=list(model.parameters()))
         self._stack = contextlib.ExitStack()
         self._t0 = 0.0
         self.seconds = 0.0
 
     def __enter__(self) -> "Watch":
         self._t0 = time.perf_counter()
-        modules = self._stack.enter_context(ModuleStack(self.model))
+        self._stack.enter_context(self.modules)
         self._stack.enter_context(_mode_context(self.mode, self.device, self.fmt))
-        self.observer = Observer(self.recorder, modules, self.fmt, emulated=self.mode == "emulated",
-                                 backward=self.backward, params=list(self.model.parameters()))
         self._stack.enter_context(self.observer)
         return self
 
@@ -171,7 +172,7 @@ class Watch:
     def result(self) -> CaseResult:
         """The case recorded so far (forward, and backward if gradients reached the recorded ops)."""
         rec = self.recorder
-        if rec.depth == 0:
+        if all(m == INPUT for m in rec.modules):  # its inputs' rounding on entry is no op of the model
             raise ProbeError(f"{self.name} ran no floating-point ops inside the block: there is nothing to report")
         case = ProbeCase(model=self.name, input_shape=self.input_shape, format=self.fmt.name, mode=self.mode,
                          device=self.device, seed=0, depth=rec.depth,
@@ -186,12 +187,9 @@ def _case_result(case: ProbeCase, rec: Recorder, backward: bool, seconds: float)
     bwd = None
     if backward:
         bevents, grad, wgrad = rec.backward_events()
-        recorded = _np.array(sorted(rec.backward.rows["out"]), dtype=int) - 1
-        with_params = _np.array(sorted(rec.backward.rows["wgrad"]), dtype=int) - 1
-        pick = lambda c, rows: {k: (None if v is None else v[rows]) for k, v in c.items()}  # noqa: E731
-        advice = loss_scale_advice({"grad": pick(grad, recorded), "grad_pre": pick(grad, recorded),
-                                    "wgrad": pick(wgrad, with_params)}, rec.fmt, case.underflow_threshold,
-                                   case.loss_scale) if len(recorded) else None
+        # layers no gradient reached are NaN rows, which the advice leaves out
+        advice = loss_scale_advice({"grad": grad, "grad_pre": grad, "wgrad": wgrad}, rec.fmt, case.underflow_threshold,
+                                   case.loss_scale, forward_failure=events.failure) if rec.backward.rows["out"] else None
         bwd = BackwardResult(bevents, grad, grad, wgrad, loss_scale=advice)
     probe = {"layer_names": list(rec.names), "layer_formats": [f.name for f in rec.formats],
              "event_sites": rec.sites(), "least_headroom": rec.least_headroom()}
@@ -262,13 +260,17 @@ def prepare(model, example_inputs, fmt, mode: str, device: str, backward: bool):
 
 
 def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
-    """One watched forward (and backward) of ``w.model`` on prepared inputs."""
+    """One watched forward (and backward) of ``w.model`` on prepared inputs (``prepare``): emulated
+    and native mode round them on entry first, each a layer of its own."""
+    if w.mode != "autocast":
+        args, kwargs = w.observer.enter_inputs(args, kwargs)
     with torch.enable_grad() if w.backward else torch.no_grad(), w:
         out = w.model(*args, **kwargs)
         if not w.backward:
             return
         if loss_fn is None:
-            tensors, grads = _seed_grads(out, seed, w.fmt, w.loss_scale)
+            with unobserved(torch.device(w.device).type):
+                tensors, grads = _seed_grads(out, seed, w.fmt, w.loss_scale)
             w.observer.flush()
             if tensors:
                 torch.autograd.backward(tensors, grads)

@@ -9,10 +9,11 @@ gradient of.
 
 from __future__ import annotations
 
-__all__ = ["ModuleStack", "ROOT", "OUTSIDE"]
+__all__ = ["ModuleStack", "ROOT", "OUTSIDE", "INPUT"]
 
 ROOT = "(root)"  # ops in the top module's own forward
 OUTSIDE = "(outside)"  # ops outside the model: the user's loss, for instance
+INPUT = "(input)"  # the model's inputs, rounded to the format on entry (emulated, native)
 
 
 class ModuleStack:

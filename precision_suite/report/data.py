@@ -24,7 +24,7 @@ from ..spec import Case
 from ..stats import EVENT_NAMES
 from ..summary import describe_case_failure, describe_failure
 from ..verdicts import TheoryVerdict, backend_disagreements, count_cases, layers_survived, theory_verdict
-from .probe_view import probe_view
+from .probe_view import is_probe, least_headroom_text, probe_groups, probe_verdicts, probe_view
 
 __all__ = ["diff_results", "headroom", "report_data"]
 
@@ -365,6 +365,8 @@ def _case_view(index: int, r: CaseResult, environments: tuple) -> dict:
                                            "wgrad": r.backward.wgrad}, c.format)
     v["loss_scale"] = _loss_scale_view(r.backward, c)
     v["probe"] = probe_view(r)
+    if v["probe"] is not None:  # the probe's one figure (exact values, both passes) replaces the rounded amax's
+        v["least_headroom"] = least_headroom_text(r) or "n/a (no op made a non-zero value)"
     return v
 
 
@@ -480,8 +482,14 @@ def _format_verdicts(results: Results, cases_by_fmt: dict) -> list:
     return out
 
 
+def _chain_by_format(by_fmt: dict) -> dict:
+    """``by_fmt`` without probe cases, which get their own sentences (``probe_view.probe_verdicts``)."""
+    kept = {f: [r for r in rs if not is_probe(r)] for f, rs in by_fmt.items()}
+    return {f: rs for f, rs in kept.items() if rs}
+
+
 def _groups(results: Results, case_index: dict) -> list:
-    cases = list(results.cases)
+    cases = [r for r in results.cases if not is_probe(r)]  # probe cases: probe_view.probe_groups
     disagree = backend_disagreements(cases)
     backend = {r.id: r.case.backend for r in cases}
     group_axes = [a for a in _GROUP_AXES if a == "activation" or len({getattr(r.case, a) for r in cases}) > 1
@@ -518,7 +526,8 @@ def _groups(results: Results, case_index: dict) -> list:
                                     "labels": [f"{init} · {c['label']}" for init, c in members_col]})
         out.append({"anchor": f"group-{gi}", "title": title, "columns": columns, "rows": rows,
                     "verdicts": [v for v in verdicts if v], "comparisons": comparisons})
-    return out
+    probes = [r for r in results.cases if is_probe(r)]
+    return out + (probe_groups(probes, case_index, _cell, len(out)) if probes else [])
 
 
 # ---------------------------------------------------------------- baseline diff
@@ -585,8 +594,10 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
         by_fmt[r.case.format].append(r)
     counts = count_cases(cases)
     axes = []
-    for axis in ("init", "activation", "format", "device", "mode", "backend", "norm", "input", "width", "depth",
-                 "batch", "seed"):
+    chain_axes = ("init", "activation", "format", "device", "mode", "backend", "norm", "input", "width", "depth",
+                  "batch", "seed")
+    for axis in chain_axes if not cases or not all(map(is_probe, cases)) else (
+            "model", "input_shape", "format", "mode", "device", "seed"):
         values = list(dict.fromkeys(str(getattr(r.case, axis)) for r in cases))
         axes.append({"axis": axis, "values": values})
     case_views = [_case_view(i, r, results.environments) for i, r in enumerate(cases)]
@@ -597,7 +608,8 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
     view = {
         "created": results.created, "tool_version": results.tool_version, "n_cases": len(cases), "counts": counts,
         "definitions": sorted(results.definitions.items()), "axes": axes,
-        "verdicts": _format_verdicts(results, by_fmt), "groups": groups,
+        "verdicts": _format_verdicts(results, _chain_by_format(by_fmt)) + probe_verdicts([r for r in cases if is_probe(r)]),
+        "groups": groups,
         "cases": case_views, "environment": _environment_rows(results.environments),
         "formats": [_format_view(n) for n in sorted(by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99))],
         "baseline": None if baseline is None else diff_results(results, baseline),
