@@ -113,11 +113,17 @@ def _torch_cpu_libraries(build_config: str) -> dict:
 
 
 def _numpy_blas() -> str | None:
-    """The BLAS numpy calls (the numpy backend's matmuls), as threadpoolctl reports it: ``openblas 0.3.31``."""
+    """The BLAS numpy calls (the numpy backend's matmuls), as threadpoolctl reports it: ``openblas 0.3.31``.
+    numpy's own copy lies under its install directory (``numpy.libs``, ``numpy/.libs``); scipy's
+    copy (``scipy.libs``) is another library, whatever the path above site-packages says."""
+    import os
+
+    import numpy
     from threadpoolctl import threadpool_info
 
+    prefix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(numpy.__file__))), "numpy")
     for lib in threadpool_info():
-        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+        if lib.get("user_api") == "blas" and os.path.abspath(lib.get("filepath", "")).startswith(prefix):
             return f"{lib.get('internal_api')} {lib.get('version')}"
     return None
 
