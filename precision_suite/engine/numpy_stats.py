@@ -1,0 +1,100 @@
+"""The numpy backend's statistics: one tensor's ``stats.STAT_NAMES`` reduced in float64 with numpy.
+
+ml_dtypes' own ``.sum()`` accumulates in the low format, so every reduction here converts to
+float64 first. The torch backend reduces with its own code (``torch_stats``); only the event
+logic (``stats``) is shared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as _np
+
+from ..formats import Format
+from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
+
+__all__ = ["grad_extra_stats", "significance_floor", "tensor_stats", "layer_columns"]
+
+_I = {name: i for i, name in enumerate(STAT_NAMES)}
+
+
+def _rms(a: _np.ndarray, amax: float) -> float:
+    """sqrt(mean(a^2)) for a = |x| >= 0, scaled by amax so float64 squares cannot overflow."""
+    if not (math.isfinite(amax) and amax > 0):
+        return amax  # 0, inf or NaN: the RMS is the same
+    return amax * math.sqrt(_np.mean(_np.square(a / amax)))
+
+
+def significance_floor(exact: _np.ndarray, fmt: Format) -> float:
+    """eps * rms(exact), the rms in float64 over the finite exact values (exact zeros included):
+    an element below it sits under the tensor's own resolution, so losing it is not underflow.
+    inf when no exact value is finite (nothing is significant)."""
+    e = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
+    e = e[_np.isfinite(e)]
+    if not e.size:
+        return math.inf
+    return fmt.eps * _rms(e, float(e.max()))
+
+
+@_np.errstate(all="ignore")
+def tensor_stats(exact: _np.ndarray, rounded: _np.ndarray, fmt: Format) -> _np.ndarray:
+    """The statistics of one tensor as a float64 vector ordered like ``STAT_NAMES``.
+
+    With t = eps * rms(exact) (``significance_floor``):
+    underflow: exact != 0, rounded == 0 and |exact| >= t;  flush: exact != 0 and rounded == 0;
+    overflow: |exact| rounds past max (``Format.overflows``: >= T_of; > T_of for fp8_e4m3fn);
+    subnormal: 0 < |rounded| < smallest normal and |exact| >= t;  saturated: |rounded| == max.
+    fp64: underflow, flush and overflow are NaN here (not available; ``_columns`` makes them None).
+    """
+    r = _np.asarray(rounded, dtype=_np.float64).ravel()
+    e = _np.asarray(exact, dtype=_np.float64).ravel()
+    n = r.size
+    a = _np.abs(r)
+    zero = r == 0
+    nonzero = a[~zero]
+    significant = _np.abs(e) >= significance_floor(e, fmt)
+    out = _np.empty(len(STAT_NAMES))
+    amax = float(a.max())
+    out[_I["rms"]] = _rms(a, amax)
+    out[_I["mean"]] = r.mean()
+    out[_I["std"]] = r.std()
+    out[_I["amax"]] = amax
+    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
+    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
+    out[_I["subnormal_frac"]] = _np.count_nonzero((a > 0) & (a < fmt.smallest_normal) & significant) / n
+    out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(r)) / n
+    out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(r)) / n
+    out[_I["saturated_frac"]] = _np.count_nonzero(a == fmt.max) / n
+    if fmt.has_wider:
+        flushed = zero & (e != 0)
+        out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
+        out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
+        out[_I["overflow_frac"]] = _np.count_nonzero(fmt.overflows(_np.abs(e))) / n
+    else:
+        out[_I["underflow_frac"]] = out[_I["flush_frac"]] = out[_I["overflow_frac"]] = _np.nan
+    return out
+
+
+def grad_extra_stats(exact: _np.ndarray, threshold: float, fmt: Format) -> _np.ndarray:
+    """[exact_amax, exact_q] of ``stats.GRAD_EXTRA_STATS``: max |exact|, and the (m+1)-th smallest
+    significant |exact| (>= ``significance_floor``) with m = ceil(threshold * n) - 1 (inf when fewer
+    are significant): only significant elements count as underflow, at any loss scale."""
+    a = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
+    m = math.ceil(threshold * a.size) - 1
+    floor = significance_floor(a, fmt)
+    candidates = a[(a > 0) & (a >= floor)]
+    q = _np.partition(candidates, m)[m] if candidates.size > m else math.inf
+    return _np.array([a.max() if a.size else 0.0, q])
+
+
+def layer_columns(rows: list, fmt: Format) -> dict:
+    """Per-layer stat vectors -> columns; underflow/overflow are None where not available (fp64)."""
+    if not rows:
+        return {name: _np.zeros(0) for name in STAT_NAMES}
+    table = _np.vstack(rows)
+    names = STAT_NAMES + (GRAD_EXTRA_STATS if table.shape[1] > len(STAT_NAMES) else ())
+    cols = {name: table[:, i].copy() for i, name in enumerate(names)}
+    if not fmt.has_wider:
+        cols["underflow_frac"] = cols["overflow_frac"] = None
+    return cols
