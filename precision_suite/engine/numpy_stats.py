@@ -3,6 +3,19 @@
 ml_dtypes' own ``.sum()`` accumulates in the low format, so every reduction here converts to
 float64 first. The torch backend reduces with its own code (``torch_stats``); only the event
 logic (``stats``) is shared.
+
+A scaled format's quantized matmul input (``gemm_stats``) is judged against its element format
+elem, with x = the unquantized input, x' = its dequantized value, q = the element code value and
+t = elem.eps * rms(x) (``significance_floor``):
+
+    flush: x != 0, x' == 0;  underflow: flush and |x| >= t;  subnormal: 0 < |q| < elem's smallest
+    normal and |x| >= t;  overflow: x' inf or NaN where x is finite (the scale left its format);
+    saturated: the clamp to +-max_elem changed the code (``numpy_quantize.NpQuantized``);
+    qerr = ||x' - x|| / ||x|| over the elements where both are finite (NaN when ||x|| = 0);
+    qerr_bulk: the same over the elements with |x| <= rms(x);
+    scale_log2_min / max: over the blocks whose scale is finite and nonzero (NaN where none).
+
+rms, mean, std, amax, amin_nonzero and the zero/inf/NaN fractions are those of x'.
 """
 
 from __future__ import annotations
@@ -12,9 +25,10 @@ import math
 import numpy as _np
 
 from ..formats import Format
+from ..quantize import GEMM_STATS
 from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
 
-__all__ = ["grad_extra_stats", "significance_floor", "tensor_stats", "layer_columns"]
+__all__ = ["grad_extra_stats", "significance_floor", "tensor_stats", "layer_columns", "gemm_stats", "gemm_columns"]
 
 _I = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -98,3 +112,59 @@ def layer_columns(rows: list, fmt: Format) -> dict:
     if not fmt.has_wider:
         cols["underflow_frac"] = cols["overflow_frac"] = None
     return cols
+
+
+def _relative_error(approx: _np.ndarray, exact: _np.ndarray) -> float:
+    """||approx - exact|| / ||exact|| in float64; NaN when ||exact|| = 0 (nothing to be relative to)."""
+    norm = _np.linalg.norm(exact)
+    return float(_np.linalg.norm(approx - exact) / norm) if norm > 0 else math.nan
+
+
+@_np.errstate(all="ignore")
+def gemm_stats(exact: _np.ndarray, quant) -> _np.ndarray:
+    """``STAT_NAMES`` + ``quantize.GEMM_STATS`` of one quantized matmul input (module docstring):
+    ``exact`` the unquantized tensor, ``quant`` its ``numpy_quantize.NpQuantized``."""
+    elem = quant.element
+    e = _np.asarray(exact, dtype=_np.float64).ravel()
+    d = quant.deq.astype(_np.float64).ravel()
+    n = d.size
+    a = _np.abs(d)
+    zero = d == 0
+    nonzero = a[~zero]
+    significant = _np.abs(e) >= significance_floor(e, elem)
+    flushed = zero & (e != 0)
+    out = _np.empty(len(STAT_NAMES) + len(GEMM_STATS))
+    amax = float(a.max())
+    out[_I["rms"]] = _rms(a, amax)
+    out[_I["mean"]] = d.mean()
+    out[_I["std"]] = d.std()
+    out[_I["amax"]] = amax
+    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
+    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
+    out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
+    out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
+    out[_I["overflow_frac"]] = _np.count_nonzero(~_np.isfinite(d) & _np.isfinite(e)) / n
+    q = _np.abs(quant.q.astype(_np.float64).ravel())
+    out[_I["subnormal_frac"]] = _np.count_nonzero((q > 0) & (q < elem.smallest_normal) & significant) / n
+    out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(d)) / n
+    out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(d)) / n
+    out[_I["saturated_frac"]] = _np.count_nonzero(quant.saturated) / n
+    finite = _np.isfinite(d) & _np.isfinite(e)
+    ae = _np.abs(e[_np.isfinite(e)])
+    bulk = finite & (_np.abs(e) <= (_rms(ae, float(ae.max())) if ae.size else math.nan))
+    s = quant.scale.astype(_np.float64).ravel()
+    log2s = _np.log2(s[_np.isfinite(s) & (s != 0)])
+    g = len(STAT_NAMES)
+    out[g:] = (_relative_error(d[finite], e[finite]), _relative_error(d[bulk], e[bulk]),
+               log2s.min() if log2s.size else _np.nan, log2s.max() if log2s.size else _np.nan)
+    return out
+
+
+def gemm_columns(rows: list) -> dict:
+    """Per-layer ``gemm_stats`` vectors -> columns (every statistic is available: an element
+    format always has a wider one)."""
+    names = STAT_NAMES + GEMM_STATS
+    if not rows:
+        return {name: _np.zeros(0) for name in names}
+    table = _np.vstack(rows)
+    return {name: table[:, i].copy() for i, name in enumerate(names)}
