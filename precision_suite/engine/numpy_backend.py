@@ -2,7 +2,8 @@
 
 Layer l (docs/definitions.md#the-chain-and-layer-numbering), ``rnd`` = round-to-nearest-even into the format:
 
-    pre_l  = rnd(x_{l-1} @ W_l.T (+ b_l))
+    x_in   = x_{l-1}, or rnd(x_{l-1} * m) for an ``outliers`` input (m: ``draws.outlier_multiplier``)
+    pre_l  = rnd(x_in @ W_l.T (+ b_l))
     h_l    = rnd(norm(pre_l))                                  (only with a norm)
     post_l = rnd(act(h_l))    or    rnd(x_{l-1} + alpha * rnd(act(h_l)))   (residual)
 
@@ -10,9 +11,30 @@ Each op runs in the wide precision (float32 for fp16/bf16/fp8, float64 for fp32 
 accumulate in it (BLAS), norms and activations are evaluated in float64 and rounded once to it. The
 wide result is the element's exact value, its rounding the stored value. A bf16 layer whose input
 is small enough to reach fp32's subnormals (amax < 2^-101) runs in float64. Backward is
-written out by hand and rounds the gradient at the same points. Statistics are reduced by
-``numpy_stats``, in float64; only the event logic (``stats``), the draws and the result model are
-shared with the torch backend.
+written out by hand and rounds the gradient at the same points; through the outlier multiplier,
+d x_{l-1} = rnd(d x_in * m). Statistics are reduced by ``numpy_stats``, in float64; only the event
+logic (``stats``), the draws and the result model are shared with the torch backend.
+
+A scaled format (``scaled``; rnd rounds to its storage format S) quantizes every matmul's inputs
+with ``numpy_quantize`` along the matmul's reduction dimension and multiplies the dequantized
+values in float32 (the exact value of the product is that float32 product):
+
+    forward  pre_e = deq(Q_act(x_in)) @ deq(Q_weight(W_l)).T (+ b_l)        blocks along `in`
+    dgrad    dx_in = deq(Q_grad(g_pre)) @ deq(Q_weight(W_l.T)).T             blocks along `out`
+    wgrad    dW_e  = deq(Q_grad(g_pre.T)) @ deq(Q_act(x_in.T)).T             blocks along the batch
+
+(a batch that is not a whole number of blocks is padded with zeros). The three quantized inputs
+that are not wgrad's own get statistics blocks: ``gemm_in`` (x_in), ``gemm_w`` (W_l), and
+``grad_gemm_in`` (g_pre), judged against the element format (``numpy_stats.gemm_stats``). Decided
+here where the shared specification left it open:
+
+- saturated_frac counts the elements whose code the clamp to +-max_elem changed (past the
+  element's overflow threshold), not every |x / scale| > max_elem (``numpy_quantize.NpQuantized``);
+- the rest of a layer (norm, activation, residual, the gradient's rounding) is the plain formats'
+  code for S, including the float64 layers of a bf16 S below ``fp64_below``; only the products are
+  float32 whatever the layer's compute dtype;
+- m multiplies in the layer's compute dtype (a scale that float32 cannot hold is used as its
+  float32 value in float32 layers; the defaults 100 and 1e4 are exact).
 """
 
 from __future__ import annotations
@@ -22,8 +44,10 @@ from collections.abc import Iterator
 import numpy as _np
 
 from ..activations import get_activation
+from ..draws import outlier_multiplier, parse_input
 from ..formats import Format, get_format, round_to_format
-from .numpy_stats import grad_extra_stats, layer_columns, tensor_stats
+from .numpy_quantize import quantize_np_full
+from .numpy_stats import gemm_columns, gemm_stats, grad_extra_stats, layer_columns, tensor_stats
 
 __all__ = ["NORM_EPS", "NumpyChain"]
 
@@ -76,9 +100,17 @@ def _f64(x: _np.ndarray) -> _np.ndarray:
     return x.astype(_np.float64, copy=False)
 
 
+def _f32(x: _np.ndarray) -> _np.ndarray:
+    return x.astype(_np.float32, copy=False)
+
+
+GEMM_KINDS = ("gemm_in", "gemm_w", "grad_gemm_in")
+
+
 class NumpyChain:
     """One case's chain, stepped by ``engine.run_cases`` layer by layer: ``step``, ``run_backward``,
-    ``columns(kind)`` for pre/post/grad/grad_pre/wgrad, ``input_columns``, ``rel_error_values``."""
+    ``columns(kind)`` for pre/post/grad/grad_pre/wgrad (and a scaled format's ``GEMM_KINDS``),
+    ``input_columns``, ``rel_error_values``."""
 
     def __init__(self, case, x0_64: _np.ndarray, backward: bool, rel_error: bool):
         if case.mode != "emulated" or case.device != "cpu":
@@ -97,7 +129,10 @@ class NumpyChain:
         self.act = get_activation(case.activation)
         self.alpha = case.residual
         self.backward = backward
-        self.rows = {k: [] for k in ("pre", "post", "grad", "grad_pre", "wgrad")}
+        self.scaling = self.fmt.scaling
+        self.m = outlier_multiplier(parse_input(case.input), case.seed, case.width)
+        kinds = ("pre", "post", "grad", "grad_pre", "wgrad") + (GEMM_KINDS if self.scaling else ())
+        self.rows = {k: [] for k in kinds}
         x0 = round_to_format(x0_64, self.fmt).astype(self.wide)
         self.input_stats = tensor_stats(x0, x0, self.fmt)
         self.x = x0
@@ -127,13 +162,32 @@ class NumpyChain:
         a = _round(a.astype(dt), self.fmt)
         return (_f64(x) + self.alpha * _f64(a)).astype(dt)
 
+    def _scale_channels(self, x: _np.ndarray) -> _np.ndarray:
+        """rnd(x * m): an ``outliers`` input's channels scaled (x unchanged without outliers)."""
+        return x if self.m is None else _round(x * self.m.astype(x.dtype), self.fmt)
+
+    def _quantized(self, x: _np.ndarray, role: str):
+        """x (holding values of the storage format) quantized along its last dim, one tensor."""
+        return quantize_np_full(_f32(x), self.scaling, role, per_row=False)
+
+    def _product(self, x_in: _np.ndarray, w: _np.ndarray, b_np) -> _np.ndarray:
+        """x_in @ W.T (+ b) in x_in's dtype, or a scaled format's float32 product of the quantized
+        inputs, recording their ``gemm_in`` / ``gemm_w`` statistics."""
+        if self.scaling is None:
+            pre_e = x_in @ w.T
+            return pre_e if b_np is None else pre_e + b_np.astype(x_in.dtype)
+        xq, wq = self._quantized(x_in, "act"), self._quantized(w, "weight")
+        self.rows["gemm_in"].append(gemm_stats(x_in, xq))
+        self.rows["gemm_w"].append(gemm_stats(w, wq))
+        pre_e = xq.deq @ wq.deq.T
+        return (pre_e if b_np is None else pre_e + _f32(b_np)).astype(x_in.dtype)
+
     def _step(self, w_np, b_np) -> None:
         fmt = self.fmt
         dt = self._layer_dtype(self.x)
         x, w = self.x.astype(dt), w_np.astype(dt)
-        pre_e = x @ w.T
-        if b_np is not None:
-            pre_e += b_np.astype(dt)
+        x_in = self._scale_channels(x)
+        pre_e = self._product(x_in, w, b_np)
         pre = _round(pre_e, fmt)
         self.rows["pre"].append(tensor_stats(pre_e, pre, fmt))
         h = pre if self.case.norm == "none" else _round(_norm(self.case.norm, _f64(pre)).astype(dt), fmt)
@@ -141,13 +195,13 @@ class NumpyChain:
         post = _round(post_e, fmt)
         self.rows["post"].append(tensor_stats(post_e, post, fmt))
         if self.backward:
-            self.saved.append((dt, x, w, pre, h))
+            self.saved.append((dt, x_in, w, pre, h))
         self.x = post.astype(self.wide)
 
     def _step_shadow(self, w_np, b_np) -> None:
         """The fp64 chain with the same weights; rel_error = ||post - shadow|| / ||shadow||."""
         s = self.shadow
-        pre = s @ _f64(w_np).T
+        pre = (s if self.m is None else s * self.m) @ _f64(w_np).T
         if b_np is not None:
             pre += _f64(b_np)
         h = pre if self.case.norm == "none" else _norm(self.case.norm, pre)
@@ -159,12 +213,15 @@ class NumpyChain:
     # ---- backward ----
 
     def run_backward(self, g64: _np.ndarray) -> None:
-        """loss = sum(post_depth * g) * loss_scale; records grad, grad_pre, wgrad per layer."""
+        """loss = sum(post_depth * g) * loss_scale; records grad, grad_pre, wgrad (grad_gemm_in) per layer."""
         thr = self.case.underflow_threshold
         seed = round_to_format(g64 * self.case.loss_scale, self.fmt).astype(self.wide)
-        rows = {k: [] for k in ("grad", "grad_pre", "wgrad")}
+        rows = {k: [] for k in ("grad", "grad_pre", "wgrad") + (("grad_gemm_in",) if self.scaling else ())}
         with _np.errstate(all="ignore"):
             for kind, exact, rounded in self._gradients(seed):
+                if kind == "grad_gemm_in":  # rounded: the quantized tensor
+                    rows[kind].append(gemm_stats(exact, rounded))
+                    continue
                 rows[kind].append(_np.concatenate([tensor_stats(exact, rounded, self.fmt),
                                                    grad_extra_stats(exact, thr, self.fmt)]))
         for kind, r in rows.items():
@@ -176,7 +233,10 @@ class NumpyChain:
         Per layer, each product in float64 rounded once to the layer's dtype, then to the format:
             g_post = rnd(dL/dpost)             g_act = rnd(alpha * g_post) (residual) else g_post
             dL/dh  = g_act * act'(h)           dL/dpre = norm'(rnd(dL/dh)) (norm) else dL/dh
-            g_pre  = rnd(dL/dpre)              dL/dW = g_pre.T @ x,   dL/dx = g_pre @ W (+ g_post)
+            g_pre  = rnd(dL/dpre)              dL/dW = g_pre.T @ x_in,   dL/dx_in = g_pre @ W
+            dL/dx  = rnd(dL/dx_in * m) (outliers) or dL/dx_in,  + g_post (residual)
+        A scaled format quantizes the dgrad and wgrad inputs (``_gradient_products``) and yields
+        ("grad_gemm_in", g_pre, its quantized dgrad input) too.
         """
         fmt, alpha = self.fmt, self.alpha
         g_e = seed
@@ -193,15 +253,31 @@ class NumpyChain:
                 gpre_e = _norm_grad(self.case.norm, _f64(pre), _f64(_round(gh_e, fmt))).astype(dt)
             g_pre = _round(gpre_e, fmt)
             yield "grad_pre", gpre_e, g_pre
-            gw_e = g_pre.T @ x
+            if self.scaling is None:
+                gw_e, g_e = g_pre.T @ x, g_pre @ w
+            else:
+                gq = self._quantized(g_pre, "grad")
+                yield "grad_gemm_in", g_pre, gq
+                gw_e, g_e = self._gradient_products(gq.deq, g_pre, x, w)
             yield "wgrad", gw_e, _round(gw_e, fmt)
-            g_e = g_pre @ w
+            g_e = self._scale_channels(g_e)
             if alpha is not None:
                 g_e += g_post
+
+    def _gradient_products(self, g_q: _np.ndarray, g_pre: _np.ndarray, x_in: _np.ndarray, w: _np.ndarray):
+        """A scaled format's (dW, dx_in) in float32, returned in the layer's dtype: dgrad from the
+        quantized g_pre ``g_q`` and W quantized along `out`; wgrad from g_pre.T and x_in.T, both
+        quantized along the batch (their statistics are not recorded)."""
+        wt = self._quantized(w.T, "weight").deq  # [in, out]
+        g_t = self._quantized(g_pre.T, "grad").deq  # [out, batch]
+        x_t = self._quantized(x_in.T, "act").deq  # [in, batch]
+        return (g_t @ x_t.T).astype(x_in.dtype), (g_q @ wt.T).astype(x_in.dtype)
 
     # ---- results ----
 
     def columns(self, kind: str) -> dict:
+        if kind in GEMM_KINDS:
+            return gemm_columns(self.rows[kind])
         return layer_columns(self.rows[kind], self.fmt)
 
     def input_columns(self) -> dict:
