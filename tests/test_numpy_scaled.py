@@ -94,6 +94,14 @@ def test_saturated_counts_the_codes_the_clamp_changed():
     assert not got.saturated[0, 8:].any()
 
 
+@pytest.mark.parametrize("name", SCALED_NAMES)
+def test_a_block_holding_inf_is_nan_not_saturated(name):
+    x = np.random.default_rng(2).standard_normal((4, 128)).astype(np.float32)
+    x[1, 3] = np.inf
+    got = quantize_np_full(x, get_format(name).scaling, "act", per_row=False)
+    assert np.isnan(got.deq[1, 3]) and not got.saturated[np.isnan(got.deq)].any()
+
+
 def test_an_fp32_scale_that_rounds_its_amax_past_max_saturates_nothing():
     """fp8_block's s = fl(448 / amax) can put fl(amax * s) one float32 ulp above 448: the amax still
     becomes the code 448 exactly, which is the scale rule working, not saturation."""
@@ -104,6 +112,26 @@ def test_an_fp32_scale_that_rounds_its_amax_past_max_saturates_nothing():
     x[0, 7] = over[0]
     got = quantize_np_full(x, get_format("fp8_block").scaling, "act", per_row=False)
     assert got.q[0, 7] == 448 and not got.saturated.any()
+
+
+def test_overflow_is_a_scale_leaving_its_format_not_an_inf_input():
+    """gemm statistics at the edges: fp8_tensor's s = 448 / amax leaves fp32 for amax ~ 1e-37, so a
+    finite tensor dequantizes to NaN (overflow, not NaN input); an inf input makes its own block NaN
+    (NaN fraction of one block of four; no overflow, no saturation)."""
+    from precision_suite.engine.numpy_stats import gemm_stats
+    from precision_suite.quantize import GEMM_STATS
+    from precision_suite.stats import STAT_NAMES
+
+    names = STAT_NAMES + GEMM_STATS
+    x = (np.random.default_rng(5).standard_normal((1, 128)) * 1e-37).astype(np.float32)
+    st = dict(zip(names, gemm_stats(x, quantize_np_full(x, get_format("fp8_tensor").scaling, "act", False))))
+    assert st["overflow_frac"] == 1 and st["nan_frac"] == 1 and math.isnan(st["qerr"])
+    assert math.isnan(st["scale_log2_min"]) and math.isnan(st["scale_log2_max"])
+    x = np.random.default_rng(5).standard_normal((1, 128)).astype(np.float32)
+    x[0, 40] = np.inf
+    st = dict(zip(names, gemm_stats(x, quantize_np_full(x, get_format("mxfp4").scaling, "act", False))))
+    assert st["overflow_frac"] == 0 and st["nan_frac"] == 32 / 128 and st["saturated_frac"] <= 96 / 128
+    assert st["scale_log2_max"] <= 0 and math.isfinite(st["qerr"])
 
 
 def _outlier_m(seed, width, frac, scale):

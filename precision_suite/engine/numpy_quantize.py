@@ -33,17 +33,22 @@ def _cast(v: _np.ndarray, elem: Format) -> _np.ndarray:
 @dataclass
 class NpQuantized:
     """``quantize.Quantized`` in numpy: ``deq`` (x' = q * scale, x's shape), ``q`` (the element
-    values), ``scale`` ([lead, blocks], NaN where a block held inf/NaN or its scale left fp32) and
-    ``saturated``: the elements the clamp to +-max_elem changed, i.e. whose scaled value y = x /
-    scale lies past the element format's overflow threshold T_of = max + ulp(max)/2
-    (``Format.overflows``). ``quantize.Quantized.clipped`` counts |y| > max instead; that also
-    counts values that round to max anyway, among them a block's own amax whenever the fp32
-    scale's rounding puts y = amax * s one fp32 ulp above max (fp8_tensor, fp8_block)."""
+    values), ``scale`` ([lead, blocks], NaN where a block held inf/NaN or its scale left fp32),
+    ``nonfinite_block`` (the element's block held an inf or NaN: the whole block is NaN by design,
+    not by its scale) and ``saturated``: the elements the clamp to +-max_elem changed, i.e. whose
+    scaled value y = x / scale lies past the element format's overflow threshold
+    T_of = max + ulp(max)/2 (``Format.overflows``), in blocks that did not become NaN.
+
+    ``quantize.Quantized.clipped`` counts |y| > max instead. That also counts values that round to
+    max anyway: a block's own amax whenever the fp32 scale's rounding puts y = amax * s one fp32
+    ulp above max (fp8_tensor, fp8_block), and nvfp4's block amax whenever the E4M3 block scale
+    rounds down (y up to 6.375: about half its blocks)."""
 
     deq: _np.ndarray
     q: _np.ndarray
     scale: _np.ndarray
     saturated: _np.ndarray
+    nonfinite_block: _np.ndarray
     element: Format
 
 
@@ -117,8 +122,9 @@ def quantize_np_full(x: _np.ndarray, scaling, role: str, per_row: bool = True) -
         q = _cast(_np.clip(y, -_F32(_FP4.max), _F32(_FP4.max)).astype(_F32), _FP4)
         scale = (bs * big).astype(_F32)
         deq = q * scale
-    saturated = elem.overflows(_np.abs(y))
     bad = ~_np.isfinite(scale) | ~_np.isfinite(amax)
+    saturated = elem.overflows(_np.abs(y)) & ~bad  # a block holding inf/NaN is NaN, not saturated
+    nonfinite = _np.broadcast_to(~_np.isfinite(amax), xb.shape)
     deq, q, scale = (_np.where(bad, _F32(_np.nan), a).astype(_F32) for a in (deq, q, scale))
     return NpQuantized(_unblock(deq, how), _unblock(q, how), scale.reshape(scale.shape[0], -1),
-                       _unblock(saturated, how), elem)
+                       _unblock(saturated, how), _unblock(nonfinite, how), elem)

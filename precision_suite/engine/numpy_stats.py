@@ -9,7 +9,8 @@ elem, with x = the unquantized input, x' = its dequantized value, q = the elemen
 t = elem.eps * rms(x) (``significance_floor``):
 
     flush: x != 0, x' == 0;  underflow: flush and |x| >= t;  subnormal: 0 < |q| < elem's smallest
-    normal and |x| >= t;  overflow: x' inf or NaN where x is finite (the scale left its format);
+    normal and |x| >= t;  overflow: x' inf or NaN where x is finite and x's block held no inf or
+    NaN (the scale left its format: such a block is NaN by design);
     saturated: the clamp to +-max_elem changed the code (``numpy_quantize.NpQuantized``);
     qerr = ||x' - x|| / ||x|| over the elements where both are finite (NaN when ||x|| = 0);
     qerr_bulk: the same over the elements with |x| <= rms(x);
@@ -143,7 +144,8 @@ def gemm_stats(exact: _np.ndarray, quant) -> _np.ndarray:
     out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
     out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
     out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
-    out[_I["overflow_frac"]] = _np.count_nonzero(~_np.isfinite(d) & _np.isfinite(e)) / n
+    scale_left = ~_np.isfinite(d) & _np.isfinite(e) & ~quant.nonfinite_block.ravel()
+    out[_I["overflow_frac"]] = _np.count_nonzero(scale_left) / n
     q = _np.abs(quant.q.astype(_np.float64).ravel())
     out[_I["subnormal_frac"]] = _np.count_nonzero((q > 0) & (q < elem.smallest_normal) & significant) / n
     out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(d)) / n
