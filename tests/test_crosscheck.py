@@ -33,7 +33,9 @@ input under kaiming_normal, width 128 (fp8_block's weight tiles), batch 16, dept
 the same; the quantized matmul inputs (gemm_in, gemm_w; grad_gemm_in backward) join the tensors it
 reads, and ``first_flush`` is compared too (near: the late backend's flush fraction >= threshold/2).
 Both quantizers agree bit for bit (tests/test_quantize.py), so the backends differ only where the
-chains' products differ. These run only where the torch backend runs scaled formats.
+chains' products differ: the statistics of a tensor both quantize alike (W_l in every layer, the
+input of layer 1) must be equal, those of later layers agree within what a re-rounded product can
+move. These run only where the torch backend runs scaled formats.
 
 Backward events are compared only where the forward pass stayed finite (no overflow, no NaN): past
 an inf or NaN activation the gradient depends on each library's convention for derivatives at
@@ -237,29 +239,59 @@ def test_scaled_matrix_exercises_every_event(scaled_pairs):
     assert fired >= {(d, e) for d in ("forward", "backward") for e in SCALED_EVENTS}
 
 
-@pytest.mark.parametrize("fmt", SCALED_NAMES)
-def test_short_scaled_chain_statistics_agree(fmt):
-    """Over 6 layers, with a norm, residual and bias, every statistic of the quantized matmul inputs
-    agrees: layer 1's gemm_in is bit for bit the same tensor in both backends; later layers differ
-    only where a product rounded the other way (rtol 1e-2, element fractions within 2 of n)."""
+def _short_scaled_pair(fmt: str):
+    """(torch, numpy) results of a 6-layer chain with layernorm, residual, bias and outliers."""
+    from precision_suite.engine.support import skip_reason
+
     shape = {"width": 128, "batch": 16, "depth": 6, "seed": 3}
     cases = [Case(init="kaiming_normal", activation="gelu", format=fmt, norm="layernorm", residual=0.5, bias=True,
                   input="outliers", backend=b, **shape) for b in ("torch", "numpy")]
-    from precision_suite.engine.support import skip_reason
-
     reason = skip_reason(cases[0])
     if reason is not None:
         pytest.skip(f"the torch backend does not run scaled formats here: {reason}")
     t, n = run_matrix(cases=cases).cases
     assert t.status == n.status == "ok", (t.error, n.error)
+    return t, n
+
+
+@pytest.mark.parametrize("fmt", SCALED_NAMES)
+def test_statistics_of_the_same_quantized_tensor_are_equal(fmt):
+    """gemm_w in every layer (both backends quantize the same rounded W_l) and gemm_in in layer 1
+    (the same x_0 and outlier channels): every statistic equal to float64 reduction order, the
+    fractions exactly. Both quantizers agree bit for bit, so this holds the two statistics codes
+    to the same definitions (saturation and overflow included)."""
+    t, n = _short_scaled_pair(fmt)
+    for tensor, layers in (("gemm_w", slice(None)), ("gemm_in", slice(0, 1))):
+        got, want = getattr(t.forward, tensor), getattr(n.forward, tensor)
+        assert set(got) == set(want), tensor
+        for stat, column in want.items():
+            a, b = np.asarray(got[stat])[layers], np.asarray(column)[layers]
+            if stat.endswith("_frac"):
+                np.testing.assert_array_equal(a, b, err_msg=f"{tensor} {stat}")
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=f"{tensor} {stat}")
+
+
+@pytest.mark.parametrize("fmt", SCALED_NAMES)
+def test_short_scaled_chain_statistics_agree(fmt):
+    """Over 6 layers every statistic of the quantized matmul inputs agrees within what a product
+    rounded the other way can move: a per-tensor scale 448/amax that moves by an ulp re-rounds
+    every element, so qerr within 10%, the element fractions within 1% of the elements, a scale
+    within one binade; rms, std and amax within 1%, the mean within 1% of the rms."""
+    t, n = _short_scaled_pair(fmt)
     for direction, tensors in GEMM_TENSORS.items():
         for tensor in tensors:
-            count = shape["batch"] * shape["width"] if tensor != "gemm_w" else shape["width"] ** 2
             got, want = getattr(getattr(t, direction), tensor), getattr(getattr(n, direction), tensor)
             assert set(got) == set(want), tensor
             for stat, column in want.items():
+                a, b, msg = np.asarray(got[stat]), np.asarray(column), f"{direction} {tensor} {stat}"
                 if stat.endswith("_frac"):
-                    diff = np.abs(np.asarray(got[stat]) - column)
-                    assert np.nanmax(diff) <= 2 / count, f"{direction} {tensor} {stat}: {diff}"
+                    np.testing.assert_allclose(a, b, rtol=0, atol=0.01, err_msg=msg)
+                elif stat.startswith("scale_log2"):
+                    np.testing.assert_allclose(a, b, rtol=0, atol=1, err_msg=msg)
+                elif stat.startswith("qerr"):
+                    np.testing.assert_allclose(a, b, rtol=0.1, err_msg=msg)
+                elif stat == "mean":
+                    np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * float(np.max(want["rms"])), err_msg=msg)
                 else:
-                    np.testing.assert_allclose(got[stat], column, rtol=1e-2, err_msg=f"{direction} {tensor} {stat}")
+                    np.testing.assert_allclose(a, b, rtol=1e-2, err_msg=msg)

@@ -118,18 +118,22 @@ def test_overflow_is_a_scale_leaving_its_format_not_an_inf_input():
     """gemm statistics at the edges: fp8_tensor's s = 448 / amax leaves fp32 for amax ~ 1e-37, so a
     finite tensor dequantizes to NaN (overflow, not NaN input); an inf input makes its own block NaN
     (NaN fraction of one block of four; no overflow, no saturation)."""
+    from precision_suite.engine.numpy_quantize import nonfinite_blocks
     from precision_suite.engine.numpy_stats import gemm_stats
     from precision_suite.quantize import GEMM_STATS
     from precision_suite.stats import STAT_NAMES
 
-    names = STAT_NAMES + GEMM_STATS
-    x = (np.random.default_rng(5).standard_normal((1, 128)) * 1e-37).astype(np.float32)
-    st = dict(zip(names, gemm_stats(x, quantize_np_full(x, get_format("fp8_tensor").scaling, "act", False))))
+    def stats(x, name):
+        scaling = get_format(name).scaling
+        st = gemm_stats(x, quantize_np_full(x, scaling, "act", False), nonfinite_blocks(x, scaling, "act", False))
+        return dict(zip(STAT_NAMES + GEMM_STATS, st))
+
+    st = stats((np.random.default_rng(5).standard_normal((1, 128)) * 1e-37).astype(np.float32), "fp8_tensor")
     assert st["overflow_frac"] == 1 and st["nan_frac"] == 1 and math.isnan(st["qerr"])
     assert math.isnan(st["scale_log2_min"]) and math.isnan(st["scale_log2_max"])
     x = np.random.default_rng(5).standard_normal((1, 128)).astype(np.float32)
     x[0, 40] = np.inf
-    st = dict(zip(names, gemm_stats(x, quantize_np_full(x, get_format("mxfp4").scaling, "act", False))))
+    st = stats(x, "mxfp4")
     assert st["overflow_frac"] == 0 and st["nan_frac"] == 32 / 128 and st["saturated_frac"] <= 96 / 128
     assert st["scale_log2_max"] <= 0 and math.isfinite(st["qerr"])
 
@@ -148,11 +152,12 @@ def _reference_chain(scaling, x0, ws, bs, g, m):
     saved = []
     x = _rnd(x0)
     for w, b in zip(ws, bs):
-        x_in = x if m is None else _rnd(x * m)
+        x_exact = x if m is None else x * m  # exact in float32: bf16 times 100
+        x_in = _rnd(x_exact)
         xq, wq = _q(x_in, scaling, "act"), _q(w, scaling, "weight")
         pre = _rnd(xq.deq.numpy() @ wq.deq.numpy().T + b)
         post = np.maximum(pre, 0)  # relu of bf16 values is a bf16 value
-        fwd["gemm_in"].append(_gemm_expected(x_in, xq))
+        fwd["gemm_in"].append(_gemm_expected(x_exact, xq))  # judged against x_in before its rounding
         fwd["gemm_w"].append(_gemm_expected(w, wq))
         fwd["pre"].append({"rms": _rms(pre), "amax": np.abs(pre).max(), "zero_frac": np.mean(pre == 0)})
         fwd["post"].append({"rms": _rms(post), "amax": post.max(), "zero_frac": np.mean(post == 0)})
@@ -398,3 +403,28 @@ def test_a_numpy_run_of_a_scaled_format_writes_its_gemm_blocks_and_first_flush(t
         assert fwd["first_flush"] == flushed[0]  # mxfp4 flushes ~8% of a Gaussian block
         flushed = [layer for layer, f in enumerate(bwd["grad_gemm_in"]["flush_frac"], 1) if f >= 0.01]
         assert bwd["first_flush"] == flushed[-1]
+
+
+def test_an_outlier_input_that_overflows_the_storage_is_a_gemm_in_overflow():
+    """fp16 storage, outliers scaled 1e5: x_{l-1} * m passes fp16's max on the outlier channels,
+    so x_in holds inf there and its blocks are NaN. gemm_in judges them against the finite
+    x_{l-1} * m: an overflow at layer 1, not a NaN from nowhere."""
+    case = Case(format="mxfp8_e4m3(storage=fp16)", activation="relu", width=64, batch=16, depth=2,
+                input="outliers(frac=0.05,scale=100000.0)", backend="numpy")
+    [r] = run_matrix(cases=[case], backward=False).cases
+    assert r.status == "ok", r.error
+    gemm_in = r.forward.gemm_in
+    assert gemm_in["overflow_frac"][0] > 0 and gemm_in["nan_frac"][0] >= gemm_in["overflow_frac"][0]
+    assert r.forward.events.first_overflow == 1
+
+
+def test_fp32_storage_multiplies_in_float64():
+    """With fp32 storage the products run in float64 (the storage's compute precision): a product
+    below fp32's smallest subnormal (~1e-30 * 2e-18 summed over 32) is an exact nonzero value that
+    rounds to zero in pre, an underflow a float32 product would have turned into an exact zero."""
+    case = Case(format="mxfp4(storage=fp32)", activation="identity", width=32, batch=4, depth=1, backend="numpy")
+    x0 = np.full((4, 32), 1e-30)
+    chain = NumpyChain(case, x0, backward=False, rel_error=False)
+    chain.step(1, np.full((32, 32), 2e-18, dtype=np.float32), None)
+    pre = chain.columns("pre")
+    assert pre["flush_frac"][0] == 1 and pre["underflow_frac"][0] == 1

@@ -17,7 +17,7 @@ logic (``stats``), the draws and the result model are shared with the torch back
 
 A scaled format (``scaled``; rnd rounds to its storage format S) quantizes every matmul's inputs
 with ``numpy_quantize`` along the matmul's reduction dimension and multiplies the dequantized
-values in float32 (the exact value of the product is that float32 product):
+values in the layer's compute dtype (their product there is the exact value):
 
     forward  pre_e = deq(Q_act(x_in)) @ deq(Q_weight(W_l)).T (+ b_l)        blocks along `in`
     dgrad    dx_in = deq(Q_grad(g_pre)) @ deq(Q_weight(W_l.T)).T             blocks along `out`
@@ -26,13 +26,19 @@ values in float32 (the exact value of the product is that float32 product):
 (a batch that is not a whole number of blocks is padded with zeros). The three quantized inputs
 that are not wgrad's own get statistics blocks: ``gemm_in`` (x_in), ``gemm_w`` (W_l), and
 ``grad_gemm_in`` (g_pre), judged against the element format (``numpy_stats.gemm_stats``). Decided
-here where the shared specification left it open:
+here where the shared specification left it open or, in the first two points, departs from it:
 
+- the products run in the layer's compute dtype, as the plain formats' do, not always in float32:
+  float64 for an fp32 S (so that pre's exact value can overflow or underflow S) and for the
+  layers of a bf16 S whose input is below ``fp64_below`` (float32 products there reach fp32's
+  subnormals, where BLAS libraries differ: docs/known-deviations.md);
+- gemm_in judges x_in against its exact value, which for an ``outliers`` input is x_{l-1} * m
+  before its rounding (an x_in that overflows S is then an overflow there, not a NaN block from
+  nowhere), as the torch backend does;
 - saturated_frac counts the elements whose code the clamp to +-max_elem changed (past the
   element's overflow threshold), not every |x / scale| > max_elem (``numpy_quantize.NpQuantized``);
-- the rest of a layer (norm, activation, residual, the gradient's rounding) is the plain formats'
-  code for S, including the float64 layers of a bf16 S below ``fp64_below``; only the products are
-  float32 whatever the layer's compute dtype;
+- overflow_frac counts the elements of blocks whose exact values were all finite but which
+  dequantize to inf/NaN (the scale left its format); a block holding an inf or NaN is NaN by design;
 - m multiplies in the layer's compute dtype (a scale that float32 cannot hold is used as its
   float32 value in float32 layers; the defaults 100 and 1e4 are exact).
 """
@@ -46,7 +52,7 @@ import numpy as _np
 from ..activations import get_activation
 from ..draws import outlier_multiplier, parse_input
 from ..formats import Format, get_format, round_to_format
-from .numpy_quantize import quantize_np_full
+from .numpy_quantize import nonfinite_blocks, quantize_np_full
 from .numpy_stats import gemm_columns, gemm_stats, grad_extra_stats, layer_columns, tensor_stats
 
 __all__ = ["NORM_EPS", "NumpyChain"]
@@ -162,32 +168,44 @@ class NumpyChain:
         a = _round(a.astype(dt), self.fmt)
         return (_f64(x) + self.alpha * _f64(a)).astype(dt)
 
-    def _scale_channels(self, x: _np.ndarray) -> _np.ndarray:
-        """rnd(x * m): an ``outliers`` input's channels scaled (x unchanged without outliers)."""
-        return x if self.m is None else _round(x * self.m.astype(x.dtype), self.fmt)
+    def _matmul_input(self, x: _np.ndarray) -> tuple[_np.ndarray, _np.ndarray]:
+        """(x_in, its exact value): x twice, or for an ``outliers`` input rnd(x * m) and x * m (the
+        product of two short significands, exact in the layer's dtype for the default scales)."""
+        if self.m is None:
+            return x, x
+        exact = x * self.m.astype(x.dtype)
+        return _round(exact, self.fmt), exact
+
+    def _scale_gradient(self, g: _np.ndarray) -> _np.ndarray:
+        """d x_{l-1} = rnd(d x_in * m) through an ``outliers`` input's rounding (g without one)."""
+        return g if self.m is None else _round(g * self.m.astype(g.dtype), self.fmt)
 
     def _quantized(self, x: _np.ndarray, role: str):
         """x (holding values of the storage format) quantized along its last dim, one tensor."""
         return quantize_np_full(_f32(x), self.scaling, role, per_row=False)
 
-    def _product(self, x_in: _np.ndarray, w: _np.ndarray, b_np) -> _np.ndarray:
-        """x_in @ W.T (+ b) in x_in's dtype, or a scaled format's float32 product of the quantized
-        inputs, recording their ``gemm_in`` / ``gemm_w`` statistics."""
-        if self.scaling is None:
-            pre_e = x_in @ w.T
-            return pre_e if b_np is None else pre_e + b_np.astype(x_in.dtype)
-        xq, wq = self._quantized(x_in, "act"), self._quantized(w, "weight")
-        self.rows["gemm_in"].append(gemm_stats(x_in, xq))
-        self.rows["gemm_w"].append(gemm_stats(w, wq))
-        pre_e = xq.deq @ wq.deq.T
-        return (pre_e if b_np is None else pre_e + _f32(b_np)).astype(x_in.dtype)
+    def _gemm_stats(self, exact: _np.ndarray, quant, role: str) -> _np.ndarray:
+        return gemm_stats(exact, quant, nonfinite_blocks(exact, self.scaling, role, per_row=False))
+
+    def _product(self, x_in: _np.ndarray, x_exact: _np.ndarray, w: _np.ndarray, b_np) -> _np.ndarray:
+        """x_in @ W.T (+ b) in x_in's dtype; a scaled format multiplies the quantized inputs and
+        records their ``gemm_in`` (judged against x_in's exact value) and ``gemm_w`` statistics."""
+        dt = x_in.dtype
+        bias = None if b_np is None else b_np.astype(dt)
+        if self.scaling is not None:
+            xq, wq = self._quantized(x_in, "act"), self._quantized(w, "weight")
+            self.rows["gemm_in"].append(self._gemm_stats(x_exact, xq, "act"))
+            self.rows["gemm_w"].append(self._gemm_stats(w, wq, "weight"))
+            x_in, w = xq.deq.astype(dt), wq.deq.astype(dt)
+        pre_e = x_in @ w.T
+        return pre_e if bias is None else pre_e + bias
 
     def _step(self, w_np, b_np) -> None:
         fmt = self.fmt
         dt = self._layer_dtype(self.x)
         x, w = self.x.astype(dt), w_np.astype(dt)
-        x_in = self._scale_channels(x)
-        pre_e = self._product(x_in, w, b_np)
+        x_in, x_exact = self._matmul_input(x)
+        pre_e = self._product(x_in, x_exact, w, b_np)
         pre = _round(pre_e, fmt)
         self.rows["pre"].append(tensor_stats(pre_e, pre, fmt))
         h = pre if self.case.norm == "none" else _round(_norm(self.case.norm, _f64(pre)).astype(dt), fmt)
@@ -220,7 +238,7 @@ class NumpyChain:
         with _np.errstate(all="ignore"):
             for kind, exact, rounded in self._gradients(seed):
                 if kind == "grad_gemm_in":  # rounded: the quantized tensor
-                    rows[kind].append(gemm_stats(exact, rounded))
+                    rows[kind].append(self._gemm_stats(exact, rounded, "grad"))
                     continue
                 rows[kind].append(_np.concatenate([tensor_stats(exact, rounded, self.fmt),
                                                    grad_extra_stats(exact, thr, self.fmt)]))
@@ -260,18 +278,19 @@ class NumpyChain:
                 yield "grad_gemm_in", g_pre, gq
                 gw_e, g_e = self._gradient_products(gq.deq, g_pre, x, w)
             yield "wgrad", gw_e, _round(gw_e, fmt)
-            g_e = self._scale_channels(g_e)
+            g_e = self._scale_gradient(g_e)
             if alpha is not None:
                 g_e += g_post
 
     def _gradient_products(self, g_q: _np.ndarray, g_pre: _np.ndarray, x_in: _np.ndarray, w: _np.ndarray):
-        """A scaled format's (dW, dx_in) in float32, returned in the layer's dtype: dgrad from the
-        quantized g_pre ``g_q`` and W quantized along `out`; wgrad from g_pre.T and x_in.T, both
-        quantized along the batch (their statistics are not recorded)."""
-        wt = self._quantized(w.T, "weight").deq  # [in, out]
-        g_t = self._quantized(g_pre.T, "grad").deq  # [out, batch]
-        x_t = self._quantized(x_in.T, "act").deq  # [in, batch]
-        return (g_t @ x_t.T).astype(x_in.dtype), (g_q @ wt.T).astype(x_in.dtype)
+        """A scaled format's (dW, dx_in) in the layer's dtype: dgrad from the quantized g_pre ``g_q``
+        and W quantized along `out`; wgrad from g_pre.T and x_in.T, both quantized along the batch
+        (their statistics are not recorded)."""
+        dt = x_in.dtype
+        wt = self._quantized(w.T, "weight").deq.astype(dt)  # [in, out]
+        g_t = self._quantized(g_pre.T, "grad").deq.astype(dt)  # [out, batch]
+        x_t = self._quantized(x_in.T, "act").deq.astype(dt)  # [in, batch]
+        return g_t @ x_t.T, g_q.astype(dt) @ wt.T
 
     # ---- results ----
 

@@ -17,7 +17,7 @@ import numpy as _np
 from ..formats import ELEMENT_FORMATS, Format
 from ..quantize import element_format
 
-__all__ = ["NpQuantized", "quantize_np", "quantize_np_full"]
+__all__ = ["NpQuantized", "quantize_np", "quantize_np_full", "nonfinite_blocks"]
 
 _E4M3, _E8M0, _FP4 = ELEMENT_FORMATS["fp8_e4m3fn"], ELEMENT_FORMATS["e8m0"], ELEMENT_FORMATS["fp4_e2m1"]
 _F32 = _np.float32
@@ -33,9 +33,8 @@ def _cast(v: _np.ndarray, elem: Format) -> _np.ndarray:
 @dataclass
 class NpQuantized:
     """``quantize.Quantized`` in numpy: ``deq`` (x' = q * scale, x's shape), ``q`` (the element
-    values), ``scale`` ([lead, blocks], NaN where a block held inf/NaN or its scale left fp32),
-    ``nonfinite_block`` (the element's block held an inf or NaN: the whole block is NaN by design,
-    not by its scale) and ``saturated``: the elements the clamp to +-max_elem changed, i.e. whose
+    values), ``scale`` ([lead, blocks], NaN where a block held inf/NaN or its scale left fp32) and
+    ``saturated``: the elements the clamp to +-max_elem changed, i.e. whose
     scaled value y = x / scale lies past the element format's overflow threshold
     T_of = max + ulp(max)/2 (``Format.overflows``), in blocks that did not become NaN.
 
@@ -48,7 +47,6 @@ class NpQuantized:
     q: _np.ndarray
     scale: _np.ndarray
     saturated: _np.ndarray
-    nonfinite_block: _np.ndarray
     element: Format
 
 
@@ -124,7 +122,13 @@ def quantize_np_full(x: _np.ndarray, scaling, role: str, per_row: bool = True) -
         deq = q * scale
     bad = ~_np.isfinite(scale) | ~_np.isfinite(amax)
     saturated = elem.overflows(_np.abs(y)) & ~bad  # a block holding inf/NaN is NaN, not saturated
-    nonfinite = _np.broadcast_to(~_np.isfinite(amax), xb.shape)
     deq, q, scale = (_np.where(bad, _F32(_np.nan), a).astype(_F32) for a in (deq, q, scale))
     return NpQuantized(_unblock(deq, how), _unblock(q, how), scale.reshape(scale.shape[0], -1),
-                       _unblock(saturated, how), _unblock(nonfinite, how), elem)
+                       _unblock(saturated, how), elem)
+
+
+def nonfinite_blocks(x: _np.ndarray, scaling, role: str, per_row: bool = True) -> _np.ndarray:
+    """Per element of ``x``: does its block (as ``quantize_np_full`` cuts x) hold an inf or NaN?"""
+    xb, how = _blocks(~_np.isfinite(_np.asarray(x)), scaling.block,
+                      scaling.weight_block if role == "weight" else None, per_row)
+    return _unblock(_np.broadcast_to(xb.any(axis=-1, keepdims=True), xb.shape), how)

@@ -122,9 +122,10 @@ def _relative_error(approx: _np.ndarray, exact: _np.ndarray) -> float:
 
 
 @_np.errstate(all="ignore")
-def gemm_stats(exact: _np.ndarray, quant) -> _np.ndarray:
+def gemm_stats(exact: _np.ndarray, quant, nonfinite_block: _np.ndarray) -> _np.ndarray:
     """``STAT_NAMES`` + ``quantize.GEMM_STATS`` of one quantized matmul input (module docstring):
-    ``exact`` the unquantized tensor, ``quant`` its ``numpy_quantize.NpQuantized``."""
+    ``exact`` the unquantized tensor, ``quant`` its ``numpy_quantize.NpQuantized``,
+    ``nonfinite_block`` per element: its block of ``exact`` holds an inf or NaN."""
     elem = quant.element
     e = _np.asarray(exact, dtype=_np.float64).ravel()
     d = quant.deq.astype(_np.float64).ravel()
@@ -144,7 +145,7 @@ def gemm_stats(exact: _np.ndarray, quant) -> _np.ndarray:
     out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
     out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
     out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
-    scale_left = ~_np.isfinite(d) & _np.isfinite(e) & ~quant.nonfinite_block.ravel()
+    scale_left = ~_np.isfinite(d) & _np.isfinite(e) & ~_np.asarray(nonfinite_block).ravel()
     out[_I["overflow_frac"]] = _np.count_nonzero(scale_left) / n
     q = _np.abs(quant.q.astype(_np.float64).ravel())
     out[_I["subnormal_frac"]] = _np.count_nonzero((q > 0) & (q < elem.smallest_normal) & significant) / n
