@@ -257,9 +257,9 @@ def _short_scaled_pair(fmt: str):
 @pytest.mark.parametrize("fmt", SCALED_NAMES)
 def test_statistics_of_the_same_quantized_tensor_are_equal(fmt):
     """gemm_w in every layer (both backends quantize the same rounded W_l) and gemm_in in layer 1
-    (the same x_0 and outlier channels): every statistic equal to float64 reduction order, the
-    fractions exactly. Both quantizers agree bit for bit, so this holds the two statistics codes
-    to the same definitions (saturation and overflow included)."""
+    (the same x_0 and outlier channels): the element fractions exactly equal, the rest to 1e-5 (the
+    torch backend accumulates moments in float32, numpy in float64). Both quantizers agree bit for
+    bit, so this holds the two statistics codes to the same definitions (saturation included)."""
     t, n = _short_scaled_pair(fmt)
     for tensor, layers in (("gemm_w", slice(None)), ("gemm_in", slice(0, 1))):
         got, want = getattr(t.forward, tensor), getattr(n.forward, tensor)
@@ -269,7 +269,7 @@ def test_statistics_of_the_same_quantized_tensor_are_equal(fmt):
             if stat.endswith("_frac"):
                 np.testing.assert_array_equal(a, b, err_msg=f"{tensor} {stat}")
             else:
-                np.testing.assert_allclose(a, b, rtol=1e-9, err_msg=f"{tensor} {stat}")
+                np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=f"{tensor} {stat}")
 
 
 @pytest.mark.parametrize("fmt", SCALED_NAMES)
