@@ -9,12 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from precision_suite.engine.numpy_backend import (
-    NumpyChain,
-    _round,
-    grad_extra_stats,
-    tensor_stats,
-)
+from precision_suite.engine.numpy_backend import NumpyChain, _round
+from precision_suite.engine.numpy_stats import grad_extra_stats, tensor_stats
 from precision_suite.formats import get_format, round_to_format
 from precision_suite.spec import Case
 from precision_suite.stats import STAT_NAMES, forward_events

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..activations import get_activation
-from ..draws import LayerDraws, draw_input, draw_seed_grad, parse_input
+from ..draws import LayerDraws, draw_input, draw_seed_grad, outlier_multiplier, parse_input
 from ..formats import round_to_format
 from ..inits import parse_init
 from ..results import BackwardResult, CaseResult, ForwardResult
@@ -106,7 +106,8 @@ def _run_units(cases: list[Case], backward: bool, rel_error: bool) -> tuple[dict
 
     first = cases[0]
     init = parse_init(first.init)
-    x0 = draw_input(parse_input(first.input), first.seed, first.batch, first.width)
+    inputs = parse_input(first.input)
+    x0 = draw_input(inputs, first.seed, first.batch, first.width)
     done: dict[str, CaseResult] = {}
     seconds: dict[str, float] = defaultdict(float)
     raised: list[tuple[list[Case], str]] = []
@@ -119,7 +120,8 @@ def _run_units(cases: list[Case], backward: bool, rel_error: bool) -> tuple[dict
             raised.append((unit_cases, _error_line(exc)))
         _charge(seconds, unit_cases, time.perf_counter() - t0)
     draws = LayerDraws(init, first.seed, first.width, first.depth, first.bias,
-                       activation=get_activation(first.activation), x0=x0)
+                       activation=get_activation(first.activation), x0=x0,
+                       multiplier=outlier_multiplier(inputs, first.seed, first.width))
     with torch.enable_grad() if backward else torch.no_grad():
         for layer, (w64, b64) in enumerate(draws, 1):
             rounded = {}

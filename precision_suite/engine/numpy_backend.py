@@ -2,7 +2,8 @@
 
 Layer l (docs/definitions.md#the-chain-and-layer-numbering), ``rnd`` = round-to-nearest-even into the format:
 
-    pre_l  = rnd(x_{l-1} @ W_l.T (+ b_l))
+    x_in   = x_{l-1}, or rnd(x_{l-1} * m) for an ``outliers`` input (m: ``draws.outlier_multiplier``)
+    pre_l  = rnd(x_in @ W_l.T (+ b_l))
     h_l    = rnd(norm(pre_l))                                  (only with a norm)
     post_l = rnd(act(h_l))    or    rnd(x_{l-1} + alpha * rnd(act(h_l)))   (residual)
 
@@ -10,26 +11,53 @@ Each op runs in the wide precision (float32 for fp16/bf16/fp8, float64 for fp32 
 accumulate in it (BLAS), norms and activations are evaluated in float64 and rounded once to it. The
 wide result is the element's exact value, its rounding the stored value. A bf16 layer whose input
 is small enough to reach fp32's subnormals (amax < 2^-101) runs in float64. Backward is
-written out by hand and rounds the gradient at the same points. Statistics are reduced here, in
-float64 (ml_dtypes' own ``.sum()`` accumulates in the low format); only the event logic
-(``stats``), the draws and the result model are shared with the torch backend.
+written out by hand and rounds the gradient at the same points; through the outlier multiplier,
+d x_{l-1} = rnd(d x_in * m). Statistics are reduced by ``numpy_stats``, in float64; only the event
+logic (``stats``), the draws and the result model are shared with the torch backend.
+
+A scaled format (``scaled``; rnd rounds to its storage format S) quantizes every matmul's inputs
+with ``numpy_quantize`` along the matmul's reduction dimension and multiplies the dequantized
+values in the layer's compute dtype (their product there is the exact value):
+
+    forward  pre_e = deq(Q_act(x_in)) @ deq(Q_weight(W_l)).T (+ b_l)        blocks along `in`
+    dgrad    dx_in = deq(Q_grad(g_pre)) @ deq(Q_weight(W_l.T)).T             blocks along `out`
+    wgrad    dW_e  = deq(Q_grad(g_pre.T)) @ deq(Q_act(x_in.T)).T             blocks along the batch
+
+(a batch that is not a whole number of blocks is padded with zeros). The three quantized inputs
+that are not wgrad's own get statistics blocks: ``gemm_in`` (x_in), ``gemm_w`` (W_l), and
+``grad_gemm_in`` (g_pre), judged against the element format (``numpy_stats.gemm_stats``). Decided
+here where the shared specification left it open or, in the first two points, departs from it:
+
+- the products run in the layer's compute dtype, as the plain formats' do, not always in float32:
+  float64 for an fp32 S (so that pre's exact value can overflow or underflow S) and for the
+  layers of a bf16 S whose input is below ``fp64_below`` (float32 products there reach fp32's
+  subnormals, where BLAS libraries differ: docs/known-deviations.md);
+- gemm_in judges x_in against its exact value, which for an ``outliers`` input is x_{l-1} * m
+  before its rounding (an x_in that overflows S is then an overflow there, not a NaN block from
+  nowhere), as the torch backend does;
+- saturated_frac counts the elements whose code the clamp to +-max_elem changed (past the
+  element's overflow threshold), not every |x / scale| > max_elem (``numpy_quantize.NpQuantized``);
+- overflow_frac counts the elements of blocks whose exact values were all finite but which
+  dequantize to inf/NaN (the scale left its format); a block holding an inf or NaN is NaN by design;
+- m multiplies in the layer's compute dtype (a scale that float32 cannot hold is used as its
+  float32 value in float32 layers; the defaults 100 and 1e4 are exact).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as _np
 
 from ..activations import get_activation
+from ..draws import outlier_multiplier, parse_input
 from ..formats import Format, get_format, round_to_format
-from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
+from .numpy_quantize import nonfinite_blocks, quantize_np_full
+from .numpy_stats import gemm_columns, gemm_stats, grad_extra_stats, layer_columns, tensor_stats
 
-__all__ = ["NORM_EPS", "NumpyChain", "grad_extra_stats", "significance_floor", "tensor_stats"]
+__all__ = ["NORM_EPS", "NumpyChain"]
 
 NORM_EPS = 1e-5
-_I = {name: i for i, name in enumerate(STAT_NAMES)}
 
 
 def _round(x: _np.ndarray, fmt: Format) -> _np.ndarray:
@@ -41,87 +69,6 @@ def _round(x: _np.ndarray, fmt: Format) -> _np.ndarray:
         if x.dtype == _np.float64:
             return round_to_format(x, fmt).astype(_np.float64)
         return x.astype(fmt.np_dtype).astype(x.dtype)  # float32 -> fmt in one cast rounds once
-
-
-def _rms(a: _np.ndarray, amax: float) -> float:
-    """sqrt(mean(a^2)) for a = |x| >= 0, scaled by amax so float64 squares cannot overflow."""
-    if not (math.isfinite(amax) and amax > 0):
-        return amax  # 0, inf or NaN: the RMS is the same
-    return amax * math.sqrt(_np.mean(_np.square(a / amax)))
-
-
-def significance_floor(exact: _np.ndarray, fmt: Format) -> float:
-    """eps * rms(exact), the rms in float64 over the finite exact values (exact zeros included):
-    an element below it sits under the tensor's own resolution, so losing it is not underflow.
-    inf when no exact value is finite (nothing is significant)."""
-    e = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
-    e = e[_np.isfinite(e)]
-    if not e.size:
-        return math.inf
-    return fmt.eps * _rms(e, float(e.max()))
-
-
-@_np.errstate(all="ignore")
-def tensor_stats(exact: _np.ndarray, rounded: _np.ndarray, fmt: Format) -> _np.ndarray:
-    """The statistics of one tensor as a float64 vector ordered like ``STAT_NAMES``.
-
-    With t = eps * rms(exact) (``significance_floor``):
-    underflow: exact != 0, rounded == 0 and |exact| >= t;  flush: exact != 0 and rounded == 0;
-    overflow: |exact| rounds past max (``Format.overflows``: >= T_of; > T_of for fp8_e4m3fn);
-    subnormal: 0 < |rounded| < smallest normal and |exact| >= t;  saturated: |rounded| == max.
-    fp64: underflow, flush and overflow are NaN here (not available; ``_columns`` makes them None).
-    """
-    r = _np.asarray(rounded, dtype=_np.float64).ravel()
-    e = _np.asarray(exact, dtype=_np.float64).ravel()
-    n = r.size
-    a = _np.abs(r)
-    zero = r == 0
-    nonzero = a[~zero]
-    significant = _np.abs(e) >= significance_floor(e, fmt)
-    out = _np.empty(len(STAT_NAMES))
-    amax = float(a.max())
-    out[_I["rms"]] = _rms(a, amax)
-    out[_I["mean"]] = r.mean()
-    out[_I["std"]] = r.std()
-    out[_I["amax"]] = amax
-    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
-    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
-    out[_I["subnormal_frac"]] = _np.count_nonzero((a > 0) & (a < fmt.smallest_normal) & significant) / n
-    out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(r)) / n
-    out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(r)) / n
-    out[_I["saturated_frac"]] = _np.count_nonzero(a == fmt.max) / n
-    if fmt.has_wider:
-        flushed = zero & (e != 0)
-        out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
-        out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
-        out[_I["overflow_frac"]] = _np.count_nonzero(fmt.overflows(_np.abs(e))) / n
-    else:
-        out[_I["underflow_frac"]] = out[_I["flush_frac"]] = out[_I["overflow_frac"]] = _np.nan
-    return out
-
-
-def grad_extra_stats(exact: _np.ndarray, threshold: float, fmt: Format) -> _np.ndarray:
-    """[exact_amax, exact_q] of ``stats.GRAD_EXTRA_STATS``: max |exact|, and the (m+1)-th smallest
-    significant |exact| (>= ``significance_floor``) with m = ceil(threshold * n) - 1 (inf when fewer
-    are significant): only significant elements count as underflow, at any loss scale."""
-    a = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
-    m = math.ceil(threshold * a.size) - 1
-    floor = significance_floor(a, fmt)
-    candidates = a[(a > 0) & (a >= floor)]
-    q = _np.partition(candidates, m)[m] if candidates.size > m else math.inf
-    return _np.array([a.max() if a.size else 0.0, q])
-
-
-def _columns(rows: list, fmt: Format) -> dict:
-    """Per-layer stat vectors -> columns; underflow/overflow are None where not available (fp64)."""
-    if not rows:
-        return {name: _np.zeros(0) for name in STAT_NAMES}
-    table = _np.vstack(rows)
-    names = STAT_NAMES + (GRAD_EXTRA_STATS if table.shape[1] > len(STAT_NAMES) else ())
-    cols = {name: table[:, i].copy() for i, name in enumerate(names)}
-    if not fmt.has_wider:
-        cols["underflow_frac"] = cols["overflow_frac"] = None
-    return cols
 
 
 # ---- norms (no affine), float64 in and out ----
@@ -159,9 +106,17 @@ def _f64(x: _np.ndarray) -> _np.ndarray:
     return x.astype(_np.float64, copy=False)
 
 
+def _f32(x: _np.ndarray) -> _np.ndarray:
+    return x.astype(_np.float32, copy=False)
+
+
+GEMM_KINDS = ("gemm_in", "gemm_w", "grad_gemm_in")
+
+
 class NumpyChain:
     """One case's chain, stepped by ``engine.run_cases`` layer by layer: ``step``, ``run_backward``,
-    ``columns(kind)`` for pre/post/grad/grad_pre/wgrad, ``input_columns``, ``rel_error_values``."""
+    ``columns(kind)`` for pre/post/grad/grad_pre/wgrad (and a scaled format's ``GEMM_KINDS``),
+    ``input_columns``, ``rel_error_values``."""
 
     def __init__(self, case, x0_64: _np.ndarray, backward: bool, rel_error: bool):
         if case.mode != "emulated" or case.device != "cpu":
@@ -180,7 +135,10 @@ class NumpyChain:
         self.act = get_activation(case.activation)
         self.alpha = case.residual
         self.backward = backward
-        self.rows = {k: [] for k in ("pre", "post", "grad", "grad_pre", "wgrad")}
+        self.scaling = self.fmt.scaling
+        self.m = outlier_multiplier(parse_input(case.input), case.seed, case.width)
+        kinds = ("pre", "post", "grad", "grad_pre", "wgrad") + (GEMM_KINDS if self.scaling else ())
+        self.rows = {k: [] for k in kinds}
         x0 = round_to_format(x0_64, self.fmt).astype(self.wide)
         self.input_stats = tensor_stats(x0, x0, self.fmt)
         self.x = x0
@@ -210,13 +168,44 @@ class NumpyChain:
         a = _round(a.astype(dt), self.fmt)
         return (_f64(x) + self.alpha * _f64(a)).astype(dt)
 
+    def _matmul_input(self, x: _np.ndarray) -> tuple[_np.ndarray, _np.ndarray]:
+        """(x_in, its exact value): x twice, or for an ``outliers`` input rnd(x * m) and x * m (the
+        product of two short significands, exact in the layer's dtype for the default scales)."""
+        if self.m is None:
+            return x, x
+        exact = x * self.m.astype(x.dtype)
+        return _round(exact, self.fmt), exact
+
+    def _scale_gradient(self, g: _np.ndarray) -> _np.ndarray:
+        """d x_{l-1} = rnd(d x_in * m) through an ``outliers`` input's rounding (g without one)."""
+        return g if self.m is None else _round(g * self.m.astype(g.dtype), self.fmt)
+
+    def _quantized(self, x: _np.ndarray, role: str):
+        """x (holding values of the storage format) quantized along its last dim, one tensor."""
+        return quantize_np_full(_f32(x), self.scaling, role, per_row=False)
+
+    def _gemm_stats(self, exact: _np.ndarray, quant, role: str) -> _np.ndarray:
+        return gemm_stats(exact, quant, nonfinite_blocks(exact, self.scaling, role, per_row=False))
+
+    def _product(self, x_in: _np.ndarray, x_exact: _np.ndarray, w: _np.ndarray, b_np) -> _np.ndarray:
+        """x_in @ W.T (+ b) in x_in's dtype; a scaled format multiplies the quantized inputs and
+        records their ``gemm_in`` (judged against x_in's exact value) and ``gemm_w`` statistics."""
+        dt = x_in.dtype
+        bias = None if b_np is None else b_np.astype(dt)
+        if self.scaling is not None:
+            xq, wq = self._quantized(x_in, "act"), self._quantized(w, "weight")
+            self.rows["gemm_in"].append(self._gemm_stats(x_exact, xq, "act"))
+            self.rows["gemm_w"].append(self._gemm_stats(w, wq, "weight"))
+            x_in, w = xq.deq.astype(dt), wq.deq.astype(dt)
+        pre_e = x_in @ w.T
+        return pre_e if bias is None else pre_e + bias
+
     def _step(self, w_np, b_np) -> None:
         fmt = self.fmt
         dt = self._layer_dtype(self.x)
         x, w = self.x.astype(dt), w_np.astype(dt)
-        pre_e = x @ w.T
-        if b_np is not None:
-            pre_e += b_np.astype(dt)
+        x_in, x_exact = self._matmul_input(x)
+        pre_e = self._product(x_in, x_exact, w, b_np)
         pre = _round(pre_e, fmt)
         self.rows["pre"].append(tensor_stats(pre_e, pre, fmt))
         h = pre if self.case.norm == "none" else _round(_norm(self.case.norm, _f64(pre)).astype(dt), fmt)
@@ -224,13 +213,13 @@ class NumpyChain:
         post = _round(post_e, fmt)
         self.rows["post"].append(tensor_stats(post_e, post, fmt))
         if self.backward:
-            self.saved.append((dt, x, w, pre, h))
+            self.saved.append((dt, x_in, w, pre, h))
         self.x = post.astype(self.wide)
 
     def _step_shadow(self, w_np, b_np) -> None:
         """The fp64 chain with the same weights; rel_error = ||post - shadow|| / ||shadow||."""
         s = self.shadow
-        pre = s @ _f64(w_np).T
+        pre = (s if self.m is None else s * self.m) @ _f64(w_np).T
         if b_np is not None:
             pre += _f64(b_np)
         h = pre if self.case.norm == "none" else _norm(self.case.norm, pre)
@@ -242,12 +231,15 @@ class NumpyChain:
     # ---- backward ----
 
     def run_backward(self, g64: _np.ndarray) -> None:
-        """loss = sum(post_depth * g) * loss_scale; records grad, grad_pre, wgrad per layer."""
+        """loss = sum(post_depth * g) * loss_scale; records grad, grad_pre, wgrad (grad_gemm_in) per layer."""
         thr = self.case.underflow_threshold
         seed = round_to_format(g64 * self.case.loss_scale, self.fmt).astype(self.wide)
-        rows = {k: [] for k in ("grad", "grad_pre", "wgrad")}
+        rows = {k: [] for k in ("grad", "grad_pre", "wgrad") + (("grad_gemm_in",) if self.scaling else ())}
         with _np.errstate(all="ignore"):
             for kind, exact, rounded in self._gradients(seed):
+                if kind == "grad_gemm_in":  # rounded: the quantized tensor
+                    rows[kind].append(self._gemm_stats(exact, rounded, "grad"))
+                    continue
                 rows[kind].append(_np.concatenate([tensor_stats(exact, rounded, self.fmt),
                                                    grad_extra_stats(exact, thr, self.fmt)]))
         for kind, r in rows.items():
@@ -259,7 +251,10 @@ class NumpyChain:
         Per layer, each product in float64 rounded once to the layer's dtype, then to the format:
             g_post = rnd(dL/dpost)             g_act = rnd(alpha * g_post) (residual) else g_post
             dL/dh  = g_act * act'(h)           dL/dpre = norm'(rnd(dL/dh)) (norm) else dL/dh
-            g_pre  = rnd(dL/dpre)              dL/dW = g_pre.T @ x,   dL/dx = g_pre @ W (+ g_post)
+            g_pre  = rnd(dL/dpre)              dL/dW = g_pre.T @ x_in,   dL/dx_in = g_pre @ W
+            dL/dx  = rnd(dL/dx_in * m) (outliers) or dL/dx_in,  + g_post (residual)
+        A scaled format quantizes the dgrad and wgrad inputs (``_gradient_products``) and yields
+        ("grad_gemm_in", g_pre, its quantized dgrad input) too.
         """
         fmt, alpha = self.fmt, self.alpha
         g_e = seed
@@ -276,19 +271,36 @@ class NumpyChain:
                 gpre_e = _norm_grad(self.case.norm, _f64(pre), _f64(_round(gh_e, fmt))).astype(dt)
             g_pre = _round(gpre_e, fmt)
             yield "grad_pre", gpre_e, g_pre
-            gw_e = g_pre.T @ x
+            if self.scaling is None:
+                gw_e, g_e = g_pre.T @ x, g_pre @ w
+            else:
+                gq = self._quantized(g_pre, "grad")
+                yield "grad_gemm_in", g_pre, gq
+                gw_e, g_e = self._gradient_products(gq.deq, g_pre, x, w)
             yield "wgrad", gw_e, _round(gw_e, fmt)
-            g_e = g_pre @ w
+            g_e = self._scale_gradient(g_e)
             if alpha is not None:
                 g_e += g_post
+
+    def _gradient_products(self, g_q: _np.ndarray, g_pre: _np.ndarray, x_in: _np.ndarray, w: _np.ndarray):
+        """A scaled format's (dW, dx_in) in the layer's dtype: dgrad from the quantized g_pre ``g_q``
+        and W quantized along `out`; wgrad from g_pre.T and x_in.T, both quantized along the batch
+        (their statistics are not recorded)."""
+        dt = x_in.dtype
+        wt = self._quantized(w.T, "weight").deq.astype(dt)  # [in, out]
+        g_t = self._quantized(g_pre.T, "grad").deq.astype(dt)  # [out, batch]
+        x_t = self._quantized(x_in.T, "act").deq.astype(dt)  # [in, batch]
+        return g_t @ x_t.T, g_q.astype(dt) @ wt.T
 
     # ---- results ----
 
     def columns(self, kind: str) -> dict:
-        return _columns(self.rows[kind], self.fmt)
+        if kind in GEMM_KINDS:
+            return gemm_columns(self.rows[kind])
+        return layer_columns(self.rows[kind], self.fmt)
 
     def input_columns(self) -> dict:
-        cols = _columns([self.input_stats], self.fmt)
+        cols = layer_columns([self.input_stats], self.fmt)
         return {k: (None if v is None else float(v[0])) for k, v in cols.items()}
 
     def rel_error_values(self) -> list | None:
