@@ -12,8 +12,11 @@ zeros, which change no block amax). Per block, with amax = max |x| over the bloc
 
 Q clamps to +-max_elem (saturation) and rounds to nearest-even in the element format: a cast for
 fp8, arithmetic for fp6/fp4 (no torch dtype): with e = max(floor(log2|y|), emin), the quantum is
-2^(e - mantissa_bits) and Q(y) = round(y / quantum) * quantum (torch.round: half to even). A block
-holding inf or NaN gets a NaN scale and becomes NaN. The exponents come from frexp, never a cast.
+u = 2^(e - mantissa_bits) and Q(y) = sign(y) ((|y| + c) - c) with c = 2^23 u: the fp32 sum lies in
+[c, 2c), whose spacing is u, so the hardware's nearest-even addition does the rounding (e read from
+the bit pattern). A block holding inf or NaN gets a NaN scale and becomes NaN. Block exponents come
+from frexp, never a cast; powers of two are built from their bit patterns (x 2^k is then the exact
+product torch.ldexp computes, at a fraction of its cost).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from .formats import ELEMENT_FORMATS, Format
 
-__all__ = ["Quantized", "quantize", "round_element", "element_format", "mx_exponent", "GEMM_STATS"]
+__all__ = ["Quantized", "quantize", "round_element", "element_format", "mx_exponent", "pow2", "GEMM_STATS"]
 
 # the extra statistics of a quantized matmul input (docs/scaled-formats.md)
 GEMM_STATS = ("qerr", "qerr_bulk", "scale_log2_min", "scale_log2_max")
@@ -57,9 +60,19 @@ def round_element(y, elem: Format):
 
     if elem.torch_name:
         return y.to(elem.torch_dtype()).to(y.dtype)
-    _, e = torch.frexp(y)  # y = m 2^e, |m| in [0.5, 1): floor(log2|y|) = e - 1
-    shift = elem.mantissa_bits - torch.clamp_min(e - 1, elem.emin)
-    return torch.ldexp(torch.round(torch.ldexp(y, shift)), -shift)
+    a = y.abs()
+    # c = 2^(max(e, emin) - mantissa_bits + 23) from a's biased exponent field; capped at emax (NaN: c stays finite)
+    field = (a.view(torch.int32) >> 23).clamp_(elem.emin + 127, elem.emax + 127)
+    c = field.add_(23 - elem.mantissa_bits).bitwise_left_shift_(23).view(torch.float32)
+    return (a + c).sub_(c).copysign_(y)
+
+
+def pow2(k):
+    """2^k (fp32, exact) for integer tensors k in [-127, 127] (e8m0's range; 2^-127 is an fp32 subnormal)."""
+    import torch
+
+    normal = (k.clamp(-126, 127) + 127).bitwise_left_shift_(23).view(torch.float32)
+    return torch.where(k < -126, math.ldexp(1.0, -127), normal)
 
 
 def mx_exponent(amax, elem: Format, rule: str):
@@ -111,8 +124,8 @@ def quantize(x, scaling, role: str, per_row: bool = True) -> Quantized:
     amax = xb.abs().amax(dim=-1, keepdim=True)  # [lead, rows, blocks, 1]
     if scaling.family == "mx":
         k = mx_exponent(amax, elem, scaling.rule)
-        scale = torch.ldexp(torch.ones_like(amax), k)
-        q, clipped = _codes(torch.ldexp(xb, -k), elem)
+        scale = pow2(k)
+        q, clipped = _codes(xb * pow2(-k), elem)
         deq = q * scale
     elif scaling.family == "nv":
         t_amax = amax.amax(dim=(1, 2), keepdim=True)
@@ -128,7 +141,8 @@ def quantize(x, scaling, role: str, per_row: bool = True) -> Quantized:
         q, clipped = _codes(xb * s, elem)
         deq, scale = q / s, _div(1.0, s)
     ok = torch.isfinite(scale) & torch.isfinite(amax)
-    deq, q, scale = (torch.where(ok, v, math.nan) for v in (deq, q, scale))
+    if not bool(ok.all()):  # one small reduction spares three passes over x when every block is fine
+        deq, q, scale = (torch.where(ok, v, math.nan) for v in (deq, q, scale))
     return Quantized(_cut(deq, shape), _cut(q, shape), scale.reshape(lead, -1), _cut(clipped, shape), elem)
 
 
