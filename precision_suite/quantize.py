@@ -56,15 +56,20 @@ def element_format(scaling, role: str) -> Format:
 
 def round_element(y, elem: Format):
     """Nearest-even rounding of fp32 ``y`` (|y| <= max_elem, NaN passes) to ``elem``, as fp32."""
-    import torch
-
     if elem.torch_name:
         return y.to(elem.torch_dtype()).to(y.dtype)
-    a = y.abs()
-    # c = 2^(max(e, emin) - mantissa_bits + 23) from a's biased exponent field; capped at emax (NaN: c stays finite)
-    field = (a.view(torch.int32) >> 23).clamp_(elem.emin + 127, elem.emax + 127)
-    c = field.add_(23 - elem.mantissa_bits).bitwise_left_shift_(23).view(torch.float32)
-    return (a + c).sub_(c).copysign_(y)
+    return _round_magnitude(y.abs(), elem).copysign_(y)
+
+
+def _round_magnitude(a, elem: Format):
+    """Nearest-even rounding of fp32 magnitudes ``a`` (<= max_elem, NaN passes) to a format without a
+    torch dtype: (a + c) - c with c = 2^23 u, u = 2^(max(floor(log2 a), emin) - mantissa_bits), where
+    2^floor(log2 a) is a with its significand bits cleared (NaN: c = inf, and the sum stays NaN)."""
+    import torch
+
+    c = (a.view(torch.int32) & 0x7F800000).view(torch.float32)
+    c.clamp_(min=elem.smallest_normal).mul_(2.0 ** (23 - elem.mantissa_bits))
+    return (a + c).sub_(c)
 
 
 def pow2(k):
@@ -155,9 +160,14 @@ def _div(c: float, t):
 
 def _codes(y, elem: Format):
     """(Q(y), |y| > max_elem): clamp, then round to the element format."""
-    import torch
-
-    return round_element(torch.clamp(y, -elem.max, elem.max), elem), y.abs() > elem.max
+    a = y.abs()
+    clipped = a > elem.max
+    a.clamp_(max=elem.max)
+    if elem.torch_name:
+        q = a.to(elem.torch_dtype()).to(a.dtype)
+    else:
+        q = _round_magnitude(a, elem)
+    return q.copysign_(y), clipped
 
 
 def _quantize_2d(w, elem: Format, tile: tuple) -> Quantized:
