@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Callable, Iterable
 
 from ..activations import get_activation
-from ..draws import LayerDraws, draw_input, draw_seed_grad, parse_input
+from ..draws import LayerDraws, draw_input, draw_seed_grad, outlier_multiplier, parse_input
 from ..formats import round_to_format
 from ..inits import parse_init
 from ..results import BackwardResult, CaseResult, ForwardResult
@@ -119,7 +119,8 @@ def _run_units(cases: list[Case], backward: bool, rel_error: bool) -> tuple[dict
             raised.append((unit_cases, _error_line(exc)))
         _charge(seconds, unit_cases, time.perf_counter() - t0)
     draws = LayerDraws(init, first.seed, first.width, first.depth, first.bias,
-                       activation=get_activation(first.activation), x0=x0)
+                       activation=get_activation(first.activation), x0=x0,
+                       multiplier=outlier_multiplier(parse_input(first.input), first.seed, first.width))
     with torch.enable_grad() if backward else torch.no_grad():
         for layer, (w64, b64) in enumerate(draws, 1):
             rounded = {}
