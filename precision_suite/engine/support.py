@@ -40,11 +40,13 @@ def skip_reason(case) -> str | None:
         return f"no {case.device.split(':')[0].upper()} device: {absent}"
     if case.backend == "numpy" and (case.device != "cpu" or case.mode != "emulated"):
         return "the numpy backend runs on cpu in emulated mode only"
-    if get_format(case.format).scaling is not None:  # parsed and quantized (quantize.py), not yet chained
-        return (f"{case.format} is a scaled format: its quantizers exist, but the chain engines do not run "
-                "scaled formats yet: no result is better than a wrong one")
-    if case.input.startswith("outliers"):  # parsed and drawn (draws.outlier_multiplier), not yet chained
-        return "the outliers input parses, but the chain engines do not scale its channels yet"
+    if case.backend == "numpy" and get_format(case.format).scaling is not None:
+        return (f"{case.format} is a scaled format: the numpy backend does not run scaled formats yet "
+                "(no result is better than a wrong one)")
+    if case.backend == "numpy" and case.input.startswith("outliers"):
+        return "the numpy backend does not scale the outliers input's channels yet"
+    if case.mode == "native" and get_format(case.format).scaling is not None:
+        return f"native mode for {case.format} (torch._scaled_mm) is not built yet"
     if case.device.startswith("mps") and case.format == "fp64":
         return "mps has no fp64"
     if case.mode == "native":
