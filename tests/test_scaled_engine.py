@@ -147,3 +147,44 @@ def test_dgrad_quantizes_the_weight_along_out(name, step, period):
     dx = _q(g_pre, s, "grad") @ w_out.T
     assert grad["exact_amax"][0] == pytest.approx(np.abs(dx).max(), rel=1e-5)
     assert grad["rms"][0] == pytest.approx(math.sqrt(np.mean(_bf16(dx) ** 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("name,init,inp,shape", [
+    ("mxfp4", "lecun_normal(gain=0.1)", "normal", dict(width=32, batch=8, depth=40)),
+    ("nvfp4", "kaiming_normal", "outliers(frac=0.05,scale=100)", dict(width=64, batch=16, depth=6)),
+    ("fp8_tensor", "normal", "outliers(frac=0.05,scale=100)", dict(width=64, batch=16, depth=6)),
+    ("fp8_block", "kaiming_normal", "normal", dict(width=128, batch=100, depth=4)),
+    ("mxfp6_e3m2(storage=fp32)", "lecun_normal(gain=0.5)", "normal", dict(width=64, batch=16, depth=8)),
+])
+def test_a_scaled_case_is_bit_identical_alone_and_stacked(name, init, inp, shape):
+    """Every scale is per case (per-tensor scales too): a case's results do not depend on the cases
+    stacked with it. The gain-0.1 chain dies (bf16 layers move to fp64 at different layers than its
+    partners'); the outliers blow one partner's amax up, which a shared scale would feel."""
+    from precision_suite.engine import run_cases
+
+    case = Case(init=init, activation="identity", format=name, input=inp, **shape)
+
+    def result(cases):
+        [r] = [r for r in run_cases(cases) if r.id == case.id]
+        assert r.status == "ok", r.error
+        d = r.to_dict()
+        d.pop("seconds")
+        return d
+
+    partners = [Case(**{**case.to_dict(), "activation": a}) for a in ("relu", "sigmoid", "gelu")]
+    assert result([case]) == result([case, *partners])
+
+
+def test_an_inf_reaching_a_block_is_a_recorded_nan_never_a_silent_zero():
+    """mxfp4 in fp16 storage, N(0, 1) weights at width 256 (rms x16 a layer): fp16 overflows at layer
+    4; its inf values reach layer 5's matmul input, whose blocks (fp4 has no NaN and no inf) become
+    NaN, counted in gemm_in's nan_frac at least as often as layer 4 left an inf behind."""
+    r = run_case(init="normal", activation="identity", format="mxfp4(storage=fp16)", width=256, depth=6, batch=32)
+    events, gemm_in, post = r.forward.events, r.forward.gemm_in, r.forward.post
+    layer = events.first_overflow
+    assert layer is not None and 3 <= layer <= 5
+    if post["inf_frac"][layer - 1] > 0:  # the inf values went on into the next layer's quantizer
+        assert gemm_in["nan_frac"][layer] >= post["inf_frac"][layer - 1]
+        assert gemm_in["inf_frac"][layer] == 0 and gemm_in["overflow_frac"][layer] == 0
+    assert events.first_nan is not None and events.first_nan <= layer + 1
+    assert r.backward.wgrad["nan_frac"][layer] > 0  # wgrad quantizes that input again (along the batch)

@@ -83,7 +83,7 @@ class EmulatedStack(TorchStack):
 
         R, rnd = self.apply_round, self.round
         x_w = x.to(wide_dtype)
-        pre_exact, on_grad_pre = self._matmul(layer, self._matmul_input(x_w), w, b, rows)
+        pre_exact, on_grad_pre = self._matmul(layer, *self._matmul_input(x_w), w, b, rows)
         pre = R(pre_exact, rnd, on_grad_pre)
         self.stats["pre"].add(layer, pre_exact, pre, rows)
         h = pre
@@ -99,14 +99,18 @@ class EmulatedStack(TorchStack):
         return post.to(self.wide_dtype) if post.dtype != self.wide_dtype else post
 
     def _matmul_input(self, x_w):
-        """x_in: x_{l-1}, or rnd(x_{l-1} * m) for an outliers input (its gradient rnd(d x_in * m))."""
+        """(x_in, its exact value): x_{l-1} twice, or for an outliers input rnd(x_{l-1} * m) (its gradient
+        rnd(d x_in * m)) and the product x_{l-1} * m before that rounding (exact in the layer's dtype:
+        a product of two short significands)."""
         m = self.multiplier(x_w.dtype)
         if m is None:
-            return x_w
-        return scale_round_fn().apply(x_w, m, self.round) if self.backward else self.round(x_w * m)
+            return x_w, x_w
+        exact = x_w.detach() * m
+        return (scale_round_fn().apply(x_w, m, self.round) if self.backward else self.round(exact)), exact
 
-    def _matmul(self, layer: int, x_in, w, b, rows):
-        """(pre's exact value x_in @ W.T (+ b) in x_in's dtype, the hook that records grad_pre and wgrad)."""
+    def _matmul(self, layer: int, x_in, x_in_exact, w, b, rows):
+        """(pre's exact value x_in @ W.T (+ b) in x_in's dtype, the hook that records grad_pre and wgrad).
+        ``x_in_exact``: x_in before its rounding (a scaled format's gemm_in judges against it)."""
         import torch.nn.functional as F
 
         dtype = x_in.dtype

@@ -74,14 +74,17 @@ class ScaledStack(EmulatedStack):
         self.wq_t = quantize(w32.T.contiguous(), self.scaling, "weight", per_row=False).deq if self.backward else None
         super()._step(layer, w, b)
 
-    def _matmul(self, layer: int, x_in, w, b, rows):
-        """pre's exact value xq @ wq.T (+ b) in x_in's dtype, recording gemm_in; the grad_pre hook."""
+    def _matmul(self, layer: int, x_in, x_in_exact, w, b, rows):
+        """pre's exact value xq @ wq.T (+ b) in x_in's dtype, recording gemm_in; the grad_pre hook.
+        gemm_in judges xq against x_in's exact value, x_{l-1} * m for an outliers input: an x_in that
+        overflowed S is an overflow there (its block is NaN), not a NaN from nowhere."""
         import torch.nn.functional as F
 
         dtype = x_in.dtype
         x32 = x_in.detach().float()  # holds S's values exactly (fp64 rows too)
         xq = quantize(x32, self.scaling, "act", per_row=True)
-        self.qstats["gemm_in"].add(layer, quantized_stats(x32, xq, self.scaling, "act"), rows)
+        exact = x32 if x_in_exact is x_in else x_in_exact.float()
+        self.qstats["gemm_in"].add(layer, quantized_stats(exact, xq, self.scaling, "act"), rows)
         operands = (xq.deq.to(dtype), self.wq.to(dtype), None if b is None else b.to(dtype))
         if not self.backward:
             return F.linear(*operands), None
