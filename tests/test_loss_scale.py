@@ -144,3 +144,16 @@ def test_rerun_with_recommended_scale_removes_gradient_underflow(chain):
           f"first_overflow {before.first_overflow} -> {after.first_overflow}")
     assert after.first_underflow is None and after.first_overflow is None and after.first_nan is None
     assert rerun.backward.loss_scale["recommended"] == scale, "the advice must not depend on the scale it ran at"
+
+
+def test_a_scaled_format_is_advised_on_its_storage_range_and_its_quantized_gradients_need_none():
+    """mxfp4 keeps its gradients in bf16: the bounds are bf16's (from the same columns), and the
+    verdict says the quantized gradients are scaled per block by the recipe."""
+    layers = np.arange(10)
+    for name, per in (("mxfp4", "per 32-element block"), ("fp8_tensor(storage=fp16)", "per tensor")):
+        scaled = advise(2.0**-layers, 2.0 ** (-140 - layers), fmt=get_format(name))
+        storage = advise(2.0**-layers, 2.0 ** (-140 - layers), fmt=get_format(get_format(name).scaling.storage))
+        for key in ("max_safe_scale", "min_useful_scale", "recommended", "gradscaler_backoffs"):
+            assert scaled[key] == storage[key], (name, key)
+        assert f"scales its quantized gradients {per}" in scaled["verdict"]
+        assert f"{get_format(name).scaling.storage} storage's range" in scaled["verdict"]
