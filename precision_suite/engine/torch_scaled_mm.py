@@ -94,6 +94,9 @@ def scaled_mm(a, b, scaling, out_dtype, bias=None, b_tiles: bool = False):
     (m, k), n = a.q.shape[-2:], b.q.shape[-2]
     codes_a, scale_a = _operand(a, scaling, m, k, rhs=False, tiles=False)
     codes_b, scale_b = _operand(b, scaling, n, k, rhs=True, tiles=b_tiles)
+    if bias is not None and out_dtype == torch.float32:  # some backends refuse a bias with fp32 output:
+        # added to the fp32 result it is the same one rounding the kernel's epilogue would make
+        return torch._scaled_mm(codes_a, codes_b.t(), scale_a, scale_b, out_dtype=out_dtype) + bias
     return torch._scaled_mm(codes_a, codes_b.t(), scale_a, scale_b, bias=bias, out_dtype=out_dtype)
 
 
