@@ -56,6 +56,20 @@ def _smallest_k_above(a: float, limit: float) -> int:
 
 def loss_scale_advice(backward_columns, fmt: Format, threshold: float, current_scale: float,
                       forward_failure: dict | None = None) -> dict:
+    """``_advice`` for the format's range; a scaled format's verdict adds that its matmuls' quantized
+    gradients are scaled per tensor or block by the recipe, so they need no loss scale: the bounds
+    are those of the storage format the gradients are kept in (docs/scaled-formats.md)."""
+    advice = _advice(backward_columns, fmt, threshold, current_scale, forward_failure)
+    scaling = fmt.scaling
+    if scaling is not None:
+        per = "per tensor" if scaling.block == 0 else f"per {scaling.block}-element block"
+        advice["verdict"] += (f"; {fmt.name} scales its quantized gradients {per} (grad_gemm_in), so they need no "
+                              f"loss scale: the bounds above are its {scaling.storage} storage's range")
+    return advice
+
+
+def _advice(backward_columns, fmt: Format, threshold: float, current_scale: float,
+            forward_failure: dict | None = None) -> dict:
     """Static loss-scale advice from the exact (wide) gradients of every layer.
 
     ``backward_columns``: {"grad", "grad_pre", "wgrad"} -> column dicts, whose ``exact_amax`` and

@@ -12,8 +12,11 @@ zeros, which change no block amax). Per block, with amax = max |x| over the bloc
 
 Q clamps to +-max_elem (saturation) and rounds to nearest-even in the element format: a cast for
 fp8, arithmetic for fp6/fp4 (no torch dtype): with e = max(floor(log2|y|), emin), the quantum is
-2^(e - mantissa_bits) and Q(y) = round(y / quantum) * quantum (torch.round: half to even). A block
-holding inf or NaN gets a NaN scale and becomes NaN. The exponents come from frexp, never a cast.
+u = 2^(e - mantissa_bits) and Q(y) = sign(y) ((|y| + c) - c) with c = 2^23 u: the fp32 sum lies in
+[c, 2c), whose spacing is u, so the hardware's nearest-even addition does the rounding (e read from
+the bit pattern). A block holding inf or NaN gets a NaN scale and becomes NaN. Block exponents come
+from frexp, never a cast; powers of two are built from their bit patterns (x 2^k is then the exact
+product torch.ldexp computes, at a fraction of its cost).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 
 from .formats import ELEMENT_FORMATS, Format
 
-__all__ = ["Quantized", "quantize", "round_element", "element_format", "mx_exponent", "GEMM_STATS"]
+__all__ = ["Quantized", "quantize", "round_element", "element_format", "mx_exponent", "pow2", "GEMM_STATS"]
 
 # the extra statistics of a quantized matmul input (docs/scaled-formats.md)
 GEMM_STATS = ("qerr", "qerr_bulk", "scale_log2_min", "scale_log2_max")
@@ -37,7 +40,8 @@ class Quantized:
     """``deq``: the dequantized tensor x' (fp32, x's shape); ``q``: the element values;
     ``scale``: the dequantization factor x'/q per tensor (leading dim) and block, fp32
     [lead, blocks], NaN where the block held inf/NaN or its scale left fp32; ``clipped``:
-    |x * scale| > max_elem (saturated by the scale rule)."""
+    the scale rule saturated the element: |x / scale| past the element format's overflow threshold
+    (``_codes``)."""
 
     deq: object
     q: object
@@ -53,13 +57,28 @@ def element_format(scaling, role: str) -> Format:
 
 def round_element(y, elem: Format):
     """Nearest-even rounding of fp32 ``y`` (|y| <= max_elem, NaN passes) to ``elem``, as fp32."""
-    import torch
-
     if elem.torch_name:
         return y.to(elem.torch_dtype()).to(y.dtype)
-    _, e = torch.frexp(y)  # y = m 2^e, |m| in [0.5, 1): floor(log2|y|) = e - 1
-    shift = elem.mantissa_bits - torch.clamp_min(e - 1, elem.emin)
-    return torch.ldexp(torch.round(torch.ldexp(y, shift)), -shift)
+    return _round_magnitude(y.abs(), elem).copysign_(y)
+
+
+def _round_magnitude(a, elem: Format):
+    """Nearest-even rounding of fp32 magnitudes ``a`` (<= max_elem, NaN passes) to a format without a
+    torch dtype: (a + c) - c with c = 2^23 u, u = 2^(max(floor(log2 a), emin) - mantissa_bits), where
+    2^floor(log2 a) is a with its significand bits cleared (NaN: c = inf, and the sum stays NaN)."""
+    import torch
+
+    c = (a.view(torch.int32) & 0x7F800000).view(torch.float32)
+    c.clamp_(min=elem.smallest_normal).mul_(2.0 ** (23 - elem.mantissa_bits))
+    return (a + c).sub_(c)
+
+
+def pow2(k):
+    """2^k (fp32, exact) for integer tensors k in [-127, 127] (e8m0's range; 2^-127 is an fp32 subnormal)."""
+    import torch
+
+    normal = (k.clamp(-126, 127) + 127).bitwise_left_shift_(23).view(torch.float32)
+    return torch.where(k < -126, math.ldexp(1.0, -127), normal)
 
 
 def mx_exponent(amax, elem: Format, rule: str):
@@ -111,8 +130,8 @@ def quantize(x, scaling, role: str, per_row: bool = True) -> Quantized:
     amax = xb.abs().amax(dim=-1, keepdim=True)  # [lead, rows, blocks, 1]
     if scaling.family == "mx":
         k = mx_exponent(amax, elem, scaling.rule)
-        scale = torch.ldexp(torch.ones_like(amax), k)
-        q, clipped = _codes(torch.ldexp(xb, -k), elem)
+        scale = pow2(k)
+        q, clipped = _codes(xb * pow2(-k), elem)
         deq = q * scale
     elif scaling.family == "nv":
         t_amax = amax.amax(dim=(1, 2), keepdim=True)
@@ -128,7 +147,8 @@ def quantize(x, scaling, role: str, per_row: bool = True) -> Quantized:
         q, clipped = _codes(xb * s, elem)
         deq, scale = q / s, _div(1.0, s)
     ok = torch.isfinite(scale) & torch.isfinite(amax)
-    deq, q, scale = (torch.where(ok, v, math.nan) for v in (deq, q, scale))
+    if not bool(ok.all()):  # one small reduction spares three passes over x when every block is fine
+        deq, q, scale = (torch.where(ok, v, math.nan) for v in (deq, q, scale))
     return Quantized(_cut(deq, shape), _cut(q, shape), scale.reshape(lead, -1), _cut(clipped, shape), elem)
 
 
@@ -140,10 +160,17 @@ def _div(c: float, t):
 
 
 def _codes(y, elem: Format):
-    """(Q(y), |y| > max_elem): clamp, then round to the element format."""
-    import torch
-
-    return round_element(torch.clamp(y, -elem.max, elem.max), elem), y.abs() > elem.max
+    """(Q(y), clipped): clamp, then round to the element format. ``clipped``: the clamp changed the
+    code, i.e. |y| lies past the element format's overflow threshold (``Format.overflows``); a y
+    just above max (an amax that the fp32 scale's rounding puts one ulp over) rounds to max anyway."""
+    a = y.abs()
+    clipped = elem.overflows(a)
+    a.clamp_(max=elem.max)
+    if elem.torch_name:
+        q = a.to(elem.torch_dtype()).to(a.dtype)
+    else:
+        q = _round_magnitude(a, elem)
+    return q.copysign_(y), clipped
 
 
 def _quantize_2d(w, elem: Format, tile: tuple) -> Quantized:

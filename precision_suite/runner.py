@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .environment import fingerprint, resolve_threads
+from .formats import get_format
 from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
@@ -51,7 +52,7 @@ def estimate_case_bytes(case: Case, backward: bool) -> int:
     tensors and 2 weights per layer for autograd (wide dtype: 4 bytes, fp32's wide fp64: 8)."""
     act = case.batch * case.width
     weight = case.width * case.width
-    wide = 8 if case.format in ("fp32", "fp64") else 4
+    wide = 8 if get_format(case.format).wide().name == "fp64" else 4  # fp32 storage of a scaled format too
     draws = 8 * (2 * act + 3 * weight)
     if not backward:
         return draws + wide * (6 * act + 2 * weight)

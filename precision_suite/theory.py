@@ -397,7 +397,8 @@ def _why_not(case, init) -> str | None:
 def predict(case) -> dict:
     """The case's ``theory`` block (docs/theory.md): predicted events forward and backward.
 
-    ``rms``: the predicted pre-activation RMS, sqrt(q_l e^{-V_C/2}) (the median over draws);
+    ``rms``: the predicted pre-activation RMS, sqrt(q_l e^{-V_C/2}) (the median over draws); a scaled
+    format's block carries ``notes``: the predictions are its storage format's, quantization's are not made;
     ``backward.rms``: the RMS of delta_l = dloss/dpre_l, loss scale included. A null event means
     "not within depth". Orthogonal weights (gain g) qualify: W x has norm g ||x|| and nearly
     Gaussian entries, the recursion with sigma_w^2 = g^2. A non-normal input enters through its
@@ -430,6 +431,10 @@ def predict(case) -> dict:
         rms = _np.sqrt(prof.q * _np.exp(-prof.var_common / 2))
     out = {"applicable": True, "reason": None, **forward, "rms": rms.tolist()}
     out["backward"] = _backward(case, act, fmt, prof, forward, sigma_w2, x0[0])
+    if fmt.scaling is not None:
+        out["notes"] = (f"the range predictions are the {fmt.scaling.storage} storage's (pre, post and the gradients "
+                        f"are kept in it); {fmt.name}'s quantization of the matmul inputs (gemm_in, gemm_w, "
+                        "grad_gemm_in: flush, saturation, qerr) is not predicted")
     return out
 
 

@@ -200,3 +200,16 @@ def test_chain_rerun_at_the_advised_scale_keeps_the_gradients_finite():
     k = int(r.backward.loss_scale["verdict"].split("rerun at 2^")[1].split()[0])
     again = run_case(**shape, loss_scale=2.0**k)
     assert again.backward.events.failure is None and again.backward.loss_scale["recommended"] is not None
+
+
+def test_a_scaled_format_is_advised_on_its_storage_range_and_its_quantized_gradients_need_none():
+    """mxfp4 keeps its gradients in bf16: the bounds are bf16's (from the same columns), and the
+    verdict says the quantized gradients are scaled per block by the recipe."""
+    layers = np.arange(10)
+    for name, per in (("mxfp4", "per 32-element block"), ("fp8_tensor(storage=fp16)", "per tensor")):
+        scaled = advise(2.0**-layers, 2.0 ** (-140 - layers), fmt=get_format(name))
+        storage = advise(2.0**-layers, 2.0 ** (-140 - layers), fmt=get_format(get_format(name).scaling.storage))
+        for key in ("max_safe_scale", "min_useful_scale", "recommended", "gradscaler_backoffs"):
+            assert scaled[key] == storage[key], (name, key)
+        assert f"scales its quantized gradients {per}" in scaled["verdict"]
+        assert f"{get_format(name).scaling.storage} storage's range" in scaled["verdict"]

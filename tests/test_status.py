@@ -132,15 +132,14 @@ def test_an_errored_case_fails_its_pytest_test(pytester):
     result.stdout.fnmatch_lines([f"*tanh-normal-fp16-cpu*could not run: {BOOM}*"])
 
 
-def test_scaled_formats_are_skipped_not_run_as_something_else():
-    """A scaled format parses (its quantizers are tested in test_quantize), but until the chain
-    engines quantize matmul inputs a run must not report a verdict for it: every backend skips
-    it with the reason, and the case carries no statistics."""
+def test_scaled_formats_run_quantized_on_both_backends():
+    """Both engines quantize the matmul inputs: their results carry the quantized inputs' statistics
+    (a chain that ran unquantized would have none)."""
     from precision_suite import run_matrix
     from precision_suite.scaled import SCALED_NAMES
 
     for name in SCALED_NAMES:
-        [r] = run_matrix(inits="normal", activations="relu", formats=name, devices="cpu", depth=2, width=128,
-                         batch=4).cases
-        assert r.status == "skipped" and r.forward is None, name
-        assert f"{name} is a scaled format" in r.skip_reason
+        torch_case, numpy_case = run_matrix(inits="normal", activations="relu", formats=name, devices="cpu",
+                                            backends="torch,numpy", depth=2, width=128, batch=4).cases
+        for r in (torch_case, numpy_case):
+            assert r.status == "ok" and r.forward.gemm_in is not None and r.backward.grad_gemm_in is not None, name

@@ -220,3 +220,12 @@ def test_dead_relu_forward_stops_the_gradient_at_the_top():
 def test_forward_overflow_makes_backward_not_applicable():
     th = predict(Case(init="normal", activation="relu", format="fp16", depth=10))
     assert th["first_overflow"] is not None and th["backward"]["applicable"] is False
+
+
+def test_a_scaled_format_is_predicted_on_its_storage_range_and_says_so():
+    """mxfp4's theory block is bf16's (the storage holds pre, post and gradients), with a note that
+    quantization is not predicted; a plain format's block has no note."""
+    kw = dict(init="kaiming_normal", activation="relu", width=64, depth=20, batch=16)
+    scaled, plain = predict(Case(format="mxfp4", **kw)), predict(Case(format="bf16", **kw))
+    assert "not predicted" in scaled["notes"] and "bf16 storage" in scaled["notes"] and "notes" not in plain
+    assert {k: v for k, v in scaled.items() if k != "notes"} == plain

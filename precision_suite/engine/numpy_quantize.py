@@ -36,12 +36,11 @@ class NpQuantized:
     values), ``scale`` ([lead, blocks], NaN where a block held inf/NaN or its scale left fp32) and
     ``saturated``: the elements the clamp to +-max_elem changed, i.e. whose
     scaled value y = x / scale lies past the element format's overflow threshold
-    T_of = max + ulp(max)/2 (``Format.overflows``), in blocks that did not become NaN.
-
-    ``quantize.Quantized.clipped`` counts |y| > max instead. That also counts values that round to
-    max anyway: a block's own amax whenever the fp32 scale's rounding puts y = amax * s one fp32
-    ulp above max (fp8_tensor, fp8_block), and nvfp4's block amax whenever the E4M3 block scale
-    rounds down (y up to 6.375: about half its blocks)."""
+    T_of = max + ulp(max)/2 (``Format.overflows``), in blocks that did not become NaN. Counting
+    |y| > max instead would also count values that round to max anyway: a block's own amax whenever
+    the fp32 scale's rounding puts y = amax * s one fp32 ulp above max (fp8_tensor, fp8_block), and
+    nvfp4's block amax whenever the E4M3 block scale rounds down (y up to 6.375: about half its
+    blocks). (The torch quantizer's ``clipped`` is the same rule, written independently.)"""
 
     deq: _np.ndarray
     q: _np.ndarray

@@ -2,8 +2,9 @@
 
 A case is skipped when its device is not present, its backend cannot run it, or (native mode) a
 tiny probe of an op its chain needs raises NotImplementedError on this device in the format's
-dtype (torch has no fp8 activation or norm kernels on CPU). Probes are cached per (device,
-dtype, op). Anything else that goes wrong is the run's to record as an error.
+dtype (torch has no fp8 activation or norm kernels on CPU); a scaled format's native matmuls are
+probed per (device, recipe) by ``torch_scaled_mm.unsupported`` (MX block scales are refused on
+CPU). Probes are cached. Anything else that goes wrong is the run's to record as an error.
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def skip_reason(case) -> str | None:
         return f"no {case.device.split(':')[0].upper()} device: {absent}"
     if case.backend == "numpy" and (case.device != "cpu" or case.mode != "emulated"):
         return "the numpy backend runs on cpu in emulated mode only"
-    if case.backend == "torch" and get_format(case.format).scaling is not None:  # numpy runs them
-        return (f"{case.format} is a scaled format: its quantizers exist, but the chain engines do not run "
-                "scaled formats yet: no result is better than a wrong one")
-    if case.backend == "torch" and case.input.startswith("outliers"):  # numpy scales them
-        return "the outliers input parses, but the chain engines do not scale its channels yet"
     if case.device.startswith("mps") and case.format == "fp64":
         return "mps has no fp64"
     if case.mode == "native":
+        if get_format(case.format).scaling is not None:  # its matmuls are torch._scaled_mm's
+            from .torch_scaled_mm import unsupported
+
+            missing = unsupported(case.device, case.format)
+            if missing:
+                return missing
         for op in _native_ops(case):
             missing = _missing_kernel(case.device, case.format, op)
             if missing:

@@ -1,7 +1,8 @@
 """Emulated mode: each op runs in the wide precision (fp32; fp64 for fp32) on already-rounded
 operands and its output is rounded to the format (round-to-nearest-even) by ``round_fn``, which
 rounds the gradient too in backward and hands the (exact, rounded) pair of every recorded gradient
-to the statistics. The wide value is the element's exact value.
+to the statistics. The wide value is the element's exact value. The matmul is ``_matmul``, which a
+scaled format's stack (``torch_scaled``) replaces with its quantized one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as _np
 
 from .torch_ops import norm
-from .torch_rounding import round_fn, rounder
+from .torch_rounding import round_fn, rounder, scale_round_fn
 from .torch_stack import TorchStack, backward_from
 from .torch_stats import host
 
@@ -79,12 +80,11 @@ class EmulatedStack(TorchStack):
         """The layer for the stack rows ``rows`` (None: all) held by ``x``, computed in
         ``wide_dtype``; returns their post in the stack's wide dtype."""
         import torch
-        import torch.nn.functional as F
 
         R, rnd = self.apply_round, self.round
         x_w = x.to(wide_dtype)
-        pre_exact = F.linear(x_w, w.to(wide_dtype), None if b is None else b.to(wide_dtype))
-        pre = R(pre_exact, rnd, self._record_grad_pre(layer, x_w.detach(), rows))
+        pre_exact, on_grad_pre = self._matmul(layer, *self._matmul_input(x_w), w, b, rows)
+        pre = R(pre_exact, rnd, on_grad_pre)
         self.stats["pre"].add(layer, pre_exact, pre, rows)
         h = pre
         if self.norm != "none":
@@ -97,6 +97,25 @@ class EmulatedStack(TorchStack):
         post = R(post_exact, rnd, self._record_grad("grad", layer, rows))
         self.stats["post"].add(layer, post_exact, post, rows)
         return post.to(self.wide_dtype) if post.dtype != self.wide_dtype else post
+
+    def _matmul_input(self, x_w):
+        """(x_in, its exact value): x_{l-1} twice, or for an outliers input rnd(x_{l-1} * m) (its gradient
+        rnd(d x_in * m)) and the product x_{l-1} * m before that rounding (exact in the layer's dtype:
+        a product of two short significands)."""
+        m = self.multiplier(x_w.dtype)
+        if m is None:
+            return x_w, x_w
+        exact = x_w.detach() * m
+        return (scale_round_fn().apply(x_w, m, self.round) if self.backward else self.round(exact)), exact
+
+    def _matmul(self, layer: int, x_in, x_in_exact, w, b, rows):
+        """(pre's exact value x_in @ W.T (+ b) in x_in's dtype, the hook that records grad_pre and wgrad).
+        ``x_in_exact``: x_in before its rounding (a scaled format's gemm_in judges against it)."""
+        import torch.nn.functional as F
+
+        dtype = x_in.dtype
+        pre_exact = F.linear(x_in, w.to(dtype), None if b is None else b.to(dtype))
+        return pre_exact, self._record_grad_pre(layer, x_in.detach(), rows)
 
     def _input_amax(self):
         """amax of each stacked case's current layer input."""

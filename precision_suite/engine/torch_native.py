@@ -1,6 +1,7 @@
 """Native mode: the ops run in the format with the backend's own kernels; the exact value of each
 recorded tensor is the same op recomputed in the wide precision from the same low-precision
-operands (and, backward, from the native gradient arriving from above).
+operands (and, backward, from the native gradient arriving from above). An outliers input's
+x_in = x_{l-1} * m is rounded once to the format, as a native elementwise kernel does.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ class NativeStack(TorchStack):
     native = True
 
     def _start(self, x0):
-        self.saved = []  # backward: per layer (x_in, W, b, pre, post)
+        self.saved = []  # backward: per layer (x_{l-1}, x_in, W, b, pre, post)
         return x0.to(self.fmt.torch_dtype())
+
+    def _matmul_input(self, x):
+        """x_in: x_{l-1}, or x_{l-1} * m rounded once to the format (an elementwise product as a native
+        kernel computes it); autograd gives d x_{l-1} = rnd(d x_in * m) the same way."""
+        m = self.multiplier(self.wide_dtype)
+        return x if m is None else (x.to(self.wide_dtype) * m).to(x.dtype)
 
     def _step(self, layer: int, w, b) -> None:
         import torch
@@ -30,9 +37,10 @@ class NativeStack(TorchStack):
         if self.backward:
             wl.requires_grad_(True)
         x = self.x
-        pre = F.linear(x, wl, bl)
+        x_in = self._matmul_input(x)
+        pre = F.linear(x_in, wl, bl)
         with torch.no_grad():
-            pre_exact = F.linear(x.to(self.wide_dtype), w, b)
+            pre_exact = F.linear(x_in.to(self.wide_dtype), w, b)
             self.stats["pre"].add(layer, pre_exact, pre.to(self.wide_dtype))
         h = norm(self.norm, pre)
         post = native_act(self.acts[0].name)(h)
@@ -45,7 +53,7 @@ class NativeStack(TorchStack):
         if self.backward:
             pre.retain_grad()
             post.retain_grad()
-            self.saved.append((x, wl, bl, pre, post))
+            self.saved.append((x, x_in, wl, bl, pre, post))
         self.x = post
 
     def _backward(self, seed_grad) -> None:
@@ -60,16 +68,24 @@ class NativeStack(TorchStack):
 
         wide = self.wide_dtype
         exact_grad_post = seed_grad
+        m = self.multiplier(wide)
         for layer in range(len(self.saved), 0, -1):
-            x, wl, bl, pre, post = self.saved[layer - 1]
+            x, x_in, wl, bl, pre, post = self.saved[layer - 1]
             x_w = x.detach().to(wide).requires_grad_(True)
+            xi_w = x_w if m is None else x_in.detach().to(wide).requires_grad_(True)
             w_w = wl.detach().to(wide).requires_grad_(True)
-            pre_w = F.linear(x_w, w_w, None if bl is None else bl.detach().to(wide))
+            pre_w = F.linear(xi_w, w_w, None if bl is None else bl.detach().to(wide))
             pre_w.retain_grad()
             backward_from(self._tail_wide(x_w, pre_w), post.grad.to(wide))
             self.stats["grad"].add(layer, exact_grad_post, post.grad.to(wide))
             self.stats["grad_pre"].add(layer, pre_w.grad, pre.grad.to(wide))
             self.stats["wgrad"].add(layer, w_w.grad, wl.grad.to(wide))
-            exact_grad_post = x_w.grad
+            exact_grad_post = x_w.grad if m is None else _through_multiplier(xi_w.grad, m, x_w.grad)
         self.saved.clear()
+
+
+def _through_multiplier(grad_in, m, grad_residual):
+    """d x_{l-1} = d x_in * m (+ the residual branch's gradient, None without a residual)."""
+    g = grad_in * m
+    return g if grad_residual is None else g + grad_residual
 

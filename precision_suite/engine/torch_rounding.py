@@ -1,5 +1,6 @@
-"""Rounding to a format in torch: correct from float64 (round-to-odd through float32), and an autograd
-function that rounds in forward and backward and reports each (exact, rounded) gradient.
+"""Rounding to a format in torch: correct from float64 (round-to-odd through float32), an autograd
+function that rounds in forward and backward and reports each (exact, rounded) gradient, and one that
+scales an outliers input's channels and rounds (x_in = rnd(x m), d x = rnd(d x_in m)).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as _np
 
 from ..formats import Format
 
-__all__ = ["rounder", "round_fn"]
+__all__ = ["rounder", "round_fn", "scale_round_fn"]
 
 
 def _fp64_to_fp32_odd(x):
@@ -76,3 +77,32 @@ def round_fn():
     if _ROUND_FN is None:
         _ROUND_FN = _make_round_fn()
     return _ROUND_FN
+
+
+def _make_scale_round_fn():
+    import torch
+
+    class _ScaleRound(torch.autograd.Function):
+        """x_in = rnd(x * m) in forward, d x = rnd(d x_in * m) in backward: the outliers input's
+        channel multiplier m (width,) applied to a matmul input, rounded once each way."""
+
+        @staticmethod
+        def forward(ctx, x, m, rounder):
+            ctx.m, ctx.rounder = m, rounder
+            return rounder(x * m)
+
+        @staticmethod
+        def backward(ctx, g):
+            return ctx.rounder(g * ctx.m), None, None
+
+    return _ScaleRound
+
+
+_SCALE_ROUND_FN = None
+
+
+def scale_round_fn():
+    global _SCALE_ROUND_FN
+    if _SCALE_ROUND_FN is None:
+        _SCALE_ROUND_FN = _make_scale_round_fn()
+    return _SCALE_ROUND_FN

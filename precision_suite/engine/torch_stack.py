@@ -4,11 +4,12 @@ stepped together as one [C, batch, width] chain on any torch device.
 Layer l (docs/definitions.md#the-chain-and-layer-numbering), every op's result rounded to the format
 (emulated, ``torch_emulated``) or produced in it (native, ``torch_native``):
 
-    pre_l  = x_{l-1} @ W_l.T (+ b_l)
+    pre_l  = x_in @ W_l.T (+ b_l)              x_in = x_{l-1}, or rnd(x_{l-1} * m) for an outliers input
     post_l = x_l = act(norm(pre_l))            or   x_{l-1} + alpha * act(norm(pre_l))  (residual)
 
-This module holds what both modes share: set-up, the fp64 shadow chain (``--rel-error``), the
-seed gradient and the per-case views; ``make_stack`` picks the mode's class.
+A scaled format quantizes x_in and W_l first (``torch_scaled``). This module holds what every mode
+shares: set-up, the outlier multiplier m, the fp64 shadow chain (``--rel-error``), the seed gradient
+and the per-case views; ``make_stack`` picks the mode's class.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import numpy as _np
 
 from ..activations import get_activation
+from ..draws import outlier_multiplier, parse_input
 from ..formats import get_format, round_to_format
 from .reducer import Reducer
 from .torch_ops import norm
@@ -45,11 +47,20 @@ def backward_from(y, g) -> None:
 
 
 def make_stack(cases: list, x0_64: _np.ndarray, backward: bool, rel_error: bool) -> "TorchStack":
-    """The stack class of the cases' mode (one ``stack_key``: one mode)."""
+    """The stack class of the cases' mode and format (one ``stack_key``: one mode, one format)."""
+    scaled = get_format(cases[0].format).scaling is not None
     if cases[0].mode == "native":
+        if scaled:
+            from .torch_scaled_native import NativeScaledStack
+
+            return NativeScaledStack(cases, x0_64, backward, rel_error)
         from .torch_native import NativeStack
 
         return NativeStack(cases, x0_64, backward, rel_error)
+    if scaled:
+        from .torch_scaled import ScaledStack
+
+        return ScaledStack(cases, x0_64, backward, rel_error)
     from .torch_emulated import EmulatedStack
 
     return EmulatedStack(cases, x0_64, backward, rel_error)
@@ -74,6 +85,8 @@ class TorchStack:
         self.wide_dtype = wide.torch_dtype()
         self.acts = [get_activation(c.activation) for c in cases]
         self.norm, self.alpha, self.threshold = first.norm, first.residual, first.underflow_threshold
+        self.multiplier64 = outlier_multiplier(parse_input(first.input), first.seed, first.width)
+        self._multipliers: dict = {}
         self.stats = {kind: Reducer(self.fmt, self.native, first.depth, len(cases),
                                     self.threshold if kind in GRADIENTS else None)
                       for kind in ("pre", "post", *GRADIENTS)}
@@ -96,6 +109,16 @@ class TorchStack:
 
         host = torch.from_numpy(arr.astype(_np.float64 if self.wide_dtype == torch.float64 else _np.float32))
         return host.to(self.device, self.wide_dtype)
+
+    def multiplier(self, dtype):
+        """The outliers input's channel multiplier m (width,) in ``dtype`` on the device, or None."""
+        if self.multiplier64 is None:
+            return None
+        if dtype not in self._multipliers:
+            import torch
+
+            self._multipliers[dtype] = torch.from_numpy(self.multiplier64).to(dtype).to(self.device)
+        return self._multipliers[dtype]
 
     # ---- forward ----
 
@@ -133,7 +156,9 @@ class TorchStack:
 
         with torch.no_grad():
             s = self.shadow
-            self.shadow = self._tail_wide(s, F.linear(s, w.double(), None if b is None else b.double()))
+            m = self.multiplier(torch.float64)
+            s_in = s if m is None else s * m
+            self.shadow = self._tail_wide(s, F.linear(s_in, w.double(), None if b is None else b.double()))
             diff = self.x.detach().to(torch.float64) - self.shadow
             dims = (1, 2)
             self.rel_error[layer - 1] = (torch.linalg.vector_norm(diff, dim=dims) /

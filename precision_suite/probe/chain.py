@@ -4,7 +4,8 @@ activation modules, run under ``torch.autocast`` through the probe's machinery.
 The draws are the engine's (``draws``), held as fp32 master weights; engine layer l is read
 from the probe's layers as pre_l = the last op of Linear l and post_l = the last op of
 activation l (pre_l itself when the activation runs no op, as identity). Norms and residuals are
-not modules of this chain: such a case is skipped with the reason.
+not modules of this chain, nor are an outliers input's scaled channels: such a case is skipped
+with the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class _Activation(torch.nn.Module):
 
 
 def _why_not(case) -> str | None:
+    if parse_input(case.input).kind == "outliers":
+        return "autocast chains are nn.Sequential(Linear, activation): they do not model the outliers input's channels"
     if case.norm != "none" or case.residual is not None:
         return "autocast chains are nn.Sequential(Linear, activation): no norm or residual"
     if case.format not in _FORMATS:
