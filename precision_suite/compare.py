@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as _np
 
+from .defaults import TOLERANCES
 from .environment import flatten
 from .results import CaseResult, Results
 from .verdicts import JUDGED_EVENTS, Moved, case_moves
@@ -38,9 +39,9 @@ class Tolerances:
     """``layers``: how far a judged event may move; ``bits``: drift of log2 rms/amax per layer;
     ``fraction``: drift of a fraction statistic (0.01 = one percentage point)."""
 
-    layers: int = 0
-    bits: float = 0.25
-    fraction: float = 0.01
+    layers: int = TOLERANCES["layers"]
+    bits: float = TOLERANCES["bits"]
+    fraction: float = TOLERANCES["fraction"]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import os
 
 import pytest
 
+from .defaults import DEFAULTS, DEVICES
 from .verdicts import EXPECTATIONS, FAIL_ON_CHOICES
 
 __all__ = ["EXPECTATIONS", "describe_event", "precision_case", "precision_spec", "session"]  # noqa: F822 - describe_event loads lazily (__getattr__)
@@ -37,9 +38,9 @@ OPTIONS = (
     ("baseline", "PATH", ("results JSON of an earlier run: a test fails when its case's failure, overflow, nan, "
                           "underflow or zero layer (forward or backward) differs from the baseline's, or the "
                           "case ran there and errors now")),
-    ("devices", "LIST", ("devices of precision_matrix tests that name none (default: cpu,cuda; "
+    ("devices", "LIST", (f"devices of precision_matrix tests that name none (default: {','.join(DEVICES)}; "
                          "cuda cases skip where no GPU is present)")),
-    ("formats", "LIST", "formats of precision_matrix tests that name none (default: fp32,fp16,bf16)"),
+    ("formats", "LIST", f"formats of precision_matrix tests that name none (default: {','.join(DEFAULTS['formats'])})"),
     ("fail-on", "LIST", f"fail a test whose case shows one of: {', '.join(FAIL_ON_CHOICES)}"),
 )
 WORKER_KEY = "precision_suite"  # where a worker's results travel in xdist's workeroutput

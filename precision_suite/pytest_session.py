@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from .defaults import DEVICES
 from .pytest_plugin import WORKER_KEY, setting
 from .results import CaseResult, Results
 from .spec import Case, Matrix, split_list
@@ -26,8 +27,6 @@ from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, co
                        event_layer, expectation_met, theory_verdict)
 
 __all__ = ["PrecisionSession", "describe_event"]
-
-_DEFAULT_DEVICES = "cpu,cuda"
 
 # Case field -> the Matrix option (``precision-suite run`` axis) that sets it
 _AXES = {"init": "inits", "activation": "activations", "format": "formats", "device": "devices",
@@ -38,7 +37,7 @@ _MATRIX_OPTIONS = (*_AXES.values(), *_SCALARS)
 _CASE_FIELDS = tuple(f.name for f in dataclasses.fields(Case))
 # test id: always these, then the named axes where not at their default, then the sizes that vary
 _ID_FIELDS = ("activation", "init", "format", "device")
-_ID_NAMED = {"mode": "emulated", "backend": "torch", "norm": "none", "input": "normal"}
+_ID_NAMED = {name: Case.__dataclass_fields__[name].default for name in ("mode", "backend", "norm", "input")}
 _ID_SIZES = {"depth": "d{}", "width": "w{}", "batch": "b{}", "seed": "s{}"}
 
 _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gradient w.r.t. post",
@@ -70,7 +69,7 @@ class PrecisionSession:
         self.config = config
         self.json_path = _path(setting(config, "json"))
         self.report_path = _path(setting(config, "report"))
-        self.devices = _parse_list("devices", setting(config, "devices") or _DEFAULT_DEVICES, parse_device)
+        self.devices = _parse_list("devices", setting(config, "devices") or ",".join(DEVICES), parse_device)
         formats = setting(config, "formats")
         self.formats = None if formats is None else _parse_list("formats", formats, lambda f: get_format(f).name)
         fail_on = setting(config, "fail-on")

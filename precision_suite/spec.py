@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .activations import get_activation
+from .defaults import DEFAULTS, DEVICES
 from .draws import parse_input
 from .formats import get_format
 from .inits import parse_init
@@ -42,25 +43,6 @@ class _StrictKeywords:
 
 
 _INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
-
-DEFAULTS = dict(
-    # xavier_normal is lecun_normal for square layers: the default keeps one of the two
-    inits=["normal", "lecun_normal", "kaiming_normal", "torch_default", "orthogonal",
-           "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
-    activations=["identity", "relu", "gelu", "tanh", "silu"],
-    formats=["fp32", "fp16", "bf16"],
-    backends=["torch"],
-    norms=["none"],
-    inputs=["normal"],
-    depth=[100],
-    width=[128],
-    batch=[64],
-    seed=[0],
-    residual=None,
-    bias=False,
-    underflow_threshold=0.01,
-    loss_scale=1.0,
-)
 
 
 @dataclass(frozen=True)
@@ -174,7 +156,8 @@ def _cuda_available() -> bool:
 
 
 def default_devices() -> list[str]:
-    return ["cpu", "cuda"] if _cuda_available() else ["cpu"]
+    """The default devices (``defaults.DEVICES``) present on this machine."""
+    return [d for d in DEVICES if d != "cuda" or _cuda_available()]
 
 
 def default_modes(devices) -> list[str]:
@@ -219,8 +202,8 @@ class Matrix(_StrictKeywords):
     inits: tuple = tuple(DEFAULTS["inits"])
     activations: tuple = tuple(DEFAULTS["activations"])
     formats: tuple = tuple(DEFAULTS["formats"])
-    devices: tuple = ("cpu",)
-    modes: tuple = ("emulated",)
+    devices: tuple | None = None  # None: this machine's default_devices(), as from_options and the CLI
+    modes: tuple | None = None  # None: default_modes(devices)
     backends: tuple = tuple(DEFAULTS["backends"])
     norms: tuple = tuple(DEFAULTS["norms"])
     inputs: tuple = tuple(DEFAULTS["inputs"])
@@ -232,6 +215,12 @@ class Matrix(_StrictKeywords):
     bias: bool = DEFAULTS["bias"]
     underflow_threshold: float = DEFAULTS["underflow_threshold"]
     loss_scale: float = DEFAULTS["loss_scale"]
+
+    def __post_init__(self):
+        if self.devices is None:
+            object.__setattr__(self, "devices", tuple(default_devices()))
+        if self.modes is None:
+            object.__setattr__(self, "modes", tuple(default_modes(self.devices)))
 
     @classmethod
     def from_options(cls, **opts) -> "Matrix":
