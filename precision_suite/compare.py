@@ -17,6 +17,7 @@ import numpy as _np
 
 from .defaults import TOLERANCES
 from .environment import flatten
+from .keywords import strict_keywords
 from .results import CaseResult, Results
 from .verdicts import JUDGED_EVENTS, Moved, case_moves
 
@@ -34,6 +35,7 @@ class CompareError(ValueError):
     """Bad input to a comparison (no case matched, an unknown axis): one line, exit code 2."""
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class Tolerances:
     """``layers``: how far a judged event may move; ``bits``: drift of log2 rms/amax per layer;
@@ -92,6 +94,7 @@ def parse_across(text: str) -> tuple[str, tuple[str, str] | None]:
     return axis, (a.strip(), b.strip())
 
 
+@strict_keywords
 def compare(baseline: Results, current: Results, *, tolerances: Tolerances = Tolerances(), across: str | None = None,
             values: tuple[str, str] | None = None, strict_stats: bool = False) -> Comparison:
     """Diff ``current`` against ``baseline`` (the same Results twice with ``across`` for one file)."""

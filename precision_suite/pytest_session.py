@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from .defaults import DEVICES
+from .keywords import strict_keywords
 from .pytest_plugin import WORKER_KEY, setting
 from .results import CaseResult, Results
 from .spec import Case, Matrix, split_list
@@ -167,7 +168,9 @@ class PrecisionSession:
         expect, fields = _declared(request.node)
         base = precision_spec.to_dict() if precision_spec is not None else fields
 
-        def run(case: Case | CaseResult | None = None, /, *, backward: bool = True, **changes) -> CaseResult:
+        @strict_keywords(forwards_to=Case)  # precision_case(widht=64) names the valid fields
+        def precision_case(case: Case | CaseResult | None = None, /, *, backward: bool = True,
+                           **changes) -> CaseResult:
             if case is not None and changes:
                 raise TypeError("precision_case: pass a Case (or CaseResult) or field changes, not both")
             if isinstance(case, CaseResult):
@@ -182,7 +185,7 @@ class PrecisionSession:
                 pytest.fail("\n".join(failures), pytrace=False)
             return result
 
-        return run
+        return precision_case
 
     # --- collection: the order of the JSON, and the cases to batch
 

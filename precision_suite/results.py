@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as _np
 
+from .keywords import strict_keywords
 from .spec import Case
 from .stats import Events
 from .verdicts import case_failure
@@ -123,6 +124,7 @@ class BackwardResult:
                    _decode_stats(d["wgrad"]), d.get("loss_scale"))
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class CaseResult:
     case: Case
@@ -206,6 +208,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class Results:
     """A run's cases and the environments they ran in; ``created`` and ``tool_version`` default to
@@ -294,6 +297,7 @@ def _umask() -> int:
     return mask
 
 
+@strict_keywords
 def load_results(path: str | os.PathLike) -> Results:
     """Read and validate a results file; anything wrong with it is a ResultsError in one line."""
     if not isinstance(path, (str, os.PathLike)):  # open(3) would read file descriptor 3
@@ -326,6 +330,7 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} does not follow the results schema: {e}") from None
 
 
+@strict_keywords
 def merge_results(parts: list[Results], allow_mixed: bool = False) -> Results:
     """One Results from several shards. A case id in two shards must be the same run: its results
     (timing and environment aside) must agree, else ``ResultsError`` — unless ``allow_mixed``, and

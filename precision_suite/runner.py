@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .environment import fingerprint, resolve_threads
+from .keywords import strict_keywords
 from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
@@ -147,6 +148,7 @@ def _process_settings(threads: int | None):
         yield
 
 
+@strict_keywords(forwards_to=Matrix)  # run_matrix(depht=5) must not run depth 100
 def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
                rel_error: bool = False, json_path: str | os.PathLike | None = None, resume: bool = False,
                on_result: Callable[[CaseResult], None] | None = None,
@@ -269,6 +271,7 @@ def _restored(journal, cases: list[Case]) -> list[CaseResult]:
     return restored
 
 
+@strict_keywords(forwards_to=Case)
 def run_case(case: Case | None = None, *, backward: bool = True, rel_error: bool = False, **fields) -> CaseResult:
     """Run one case (``run_case(init="normal", activation="relu", format="fp16")``)."""
     case = case if case is not None else Case(**fields)

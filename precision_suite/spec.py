@@ -16,6 +16,7 @@ from .defaults import DEFAULTS, DEVICES
 from .draws import parse_input
 from .formats import get_format
 from .inits import parse_init
+from .keywords import strict_keywords, unknown_keyword
 
 __all__ = ["Case", "Matrix", "SpecError", "split_list", "NORMS", "MODES", "BACKENDS", "DEFAULTS",
            "parse_device", "default_devices", "default_modes", "axis_choices"]
@@ -31,22 +32,12 @@ class SpecError(ValueError):
     """Bad user input: the message is one line naming the value and the valid choices."""
 
 
-class _StrictKeywords:
-    """``Case(widht=64)`` is a TypeError naming the valid fields (the dataclass's own names none)."""
-
-    def __new__(cls, *args, **kwargs):
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            raise TypeError(f"{cls.__name__}() got an unknown keyword {unknown[0]!r}; valid: {', '.join(valid)}")
-        return super().__new__(cls)
-
-
 _INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
 
 
+@strict_keywords  # Case(widht=64) names the valid fields
 @dataclass(frozen=True)
-class Case(_StrictKeywords):
+class Case:
     """One chain ``x_l = act(norm(x_{l-1} @ W_l.T + b_l)) [+ residual]`` in one format/device/mode."""
 
     init: str = "kaiming_normal"
@@ -195,8 +186,9 @@ def _parse(value: str, parser):
         raise SpecError(str(e)) from None
 
 
+@strict_keywords
 @dataclass(frozen=True)
-class Matrix(_StrictKeywords):
+class Matrix:
     """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names."""
 
     inits: tuple = tuple(DEFAULTS["inits"])
@@ -226,9 +218,10 @@ class Matrix(_StrictKeywords):
     def from_options(cls, **opts) -> "Matrix":
         """Build from raw option values (comma strings or lists); unset (None) options take defaults.
         An unknown option is a TypeError naming the valid ones (``depht=5`` must not run depth 100)."""
-        unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(cls)})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(opts) - set(valid))
         if unknown:
-            raise TypeError(f"unknown matrix option {unknown[0]!r}; valid: {', '.join(f.name for f in dataclasses.fields(cls))}")
+            raise unknown_keyword("Matrix.from_options", unknown[0], valid)
 
         def items(key):
             raw = opts.get(key)

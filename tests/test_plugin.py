@@ -220,6 +220,17 @@ def test_chain(precision_case):
     result.stdout.fnmatch_lines([f"*{message}"])
 
 
+def test_precision_case_names_its_valid_keywords(pytester):
+    pytester.makepyfile(f"""
+        def test_misspelled(precision_case):
+            precision_case(init="normal", widht=16, {TINY.replace("width=16, ", "")})
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E       TypeError: precision_case() got an unknown keyword 'widht' (did you mean "
+                                 "'width'?); valid: backward, init, activation, *"])
+
+
 def _same_cases(a: dict, b: dict):
     assert [c["id"] for c in a["cases"]] == [c["id"] for c in b["cases"]]
     for x, y in zip(a["cases"], b["cases"]):
