@@ -12,8 +12,10 @@ Case fields. A case on a device this machine lacks (cuda without a GPU) skips wi
 
 Every option has an ini twin (``precision_json = reports/results.json`` under ``[pytest]`` or
 ``[tool.pytest.ini_options]``); the command line beats the ini file. Under pytest-xdist every
-worker runs its share with ``cores // workers`` threads (``OMP_NUM_THREADS``) and hands its
-results to the controller through ``workeroutput``; only the controller writes the JSON and the report.
+worker runs its share and hands its results to the controller through ``workeroutput``; only the
+controller writes the JSON and the report. Workers run cases with the thread count ``-n 0`` uses
+(``OMP_NUM_THREADS`` if set, else one: ``environment.resolve_threads``), so that the results are
+bit-identical however many workers share them; the plugin sets no worker's environment.
 
 This module is what pytest imports in every project where the package is installed, so it holds
 only options, markers and hook dispatch: the session (``pytest_session.PrecisionSession``, with
@@ -22,8 +24,6 @@ ini key, a precision marker, the fixture, or a worker's precision results.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -89,19 +89,6 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if any(metafunc.definition.get_closest_marker(m) for m in _MARKERS):
         session(metafunc.config).parametrize(metafunc)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_setupnodes(config, specs):
-    """Give each worker cores // workers threads (torch, and numpy's BLAS, which spins when
-    oversubscribed: 2 workers x 2 threads on 2 cores ran the default matrix 4x slower than -n 0).
-    Set in the workers' environment before they import anything; an OMP_NUM_THREADS of the
-    user's is left alone."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    for spec in specs:
-        spec.env.setdefault("OMP_NUM_THREADS", str(max(1, cores // len(specs))))
 
 
 @pytest.hookimpl(optionalhook=True)
