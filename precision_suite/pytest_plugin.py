@@ -55,6 +55,15 @@ def setting(config, name: str) -> str | None:
     return (value.strip() or None) if value else None
 
 
+def setting_source(config, name: str) -> str:
+    """Where ``setting(config, name)`` came from, as an error message names it:
+    ``--precision-formats`` or ``precision_formats in pytest.ini``."""
+    key = "precision_" + name.replace("-", "_")
+    if config.getoption(key) or config.inipath is None:
+        return f"--precision-{name}"
+    return f"{key} in {config.inipath.name}"
+
+
 def session(config):
     """The run's ``PrecisionSession``, created (and registered for its hooks) on first need."""
     found = config.stash.get(_SESSION, None)
@@ -82,8 +91,53 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "precision_matrix(**axes): parametrize the test over a precision-suite "
                                        "matrix (inits=, activations=, formats=, devices=, depth=, ... as in "
                                        "`precision-suite run`)")
+    _refuse_misspelled_ini_keys(config)
     if any(setting(config, name) for name, _, _ in OPTIONS):
         session(config)  # settings are checked now: a bad one stops the run before any test
+
+
+def _refuse_misspelled_ini_keys(config) -> None:
+    """An ini key meant for this plugin but misspelled (``precision_fromats``) stops the run: pytest
+    itself only warns of an unknown key, and the setting would silently not apply."""
+    ours = [f"precision_{name.replace('-', '_')}" for name, _, _ in OPTIONS]
+    for key in _ini_keys(config):
+        if key in ours or not key.lower().replace("-", "_").startswith(("precision", "precison", "presicion")):
+            continue
+        try:
+            config.getini(key)  # another plugin's key
+            continue
+        except ValueError:
+            pass
+        import difflib
+
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise pytest.UsageError(f"{config.inipath.name}: unknown ini key {key!r}{hint}; valid: {', '.join(ours)}")
+
+
+def _ini_keys(config) -> list[str]:
+    """The keys of pytest's table in the config file pytest read: [pytest] (pytest.ini, tox.ini),
+    [tool:pytest] (setup.cfg), [tool.pytest.ini_options] or [tool.pytest] (pyproject.toml). Read
+    here because pytest lists them only through a deprecated attribute."""
+    import configparser
+
+    path = getattr(config, "inipath", None)
+    if path is None:
+        return []
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("pytest", {})
+            return [*table.get("ini_options", {}), *(k for k in table if k != "ini_options")]
+        parser = configparser.RawConfigParser()
+        parser.read(path, encoding="utf-8")
+        section = "tool:pytest" if path.name == "setup.cfg" else "pytest"
+        return list(parser[section]) if parser.has_section(section) else []
+    except (OSError, ValueError, AttributeError, configparser.Error):  # pytest has said what it could not read
+        return []
 
 
 def pytest_generate_tests(metafunc):

@@ -14,6 +14,7 @@ group's tests it will be sent).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 
 from .defaults import DEVICES
 from .keywords import strict_keywords
-from .pytest_plugin import WORKER_KEY, setting
+from .pytest_plugin import WORKER_KEY, setting, setting_source
 from .results import CaseResult, Results
 from .spec import Case, Matrix, split_list
 from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, count_cases,
@@ -47,15 +48,12 @@ _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gr
 
 # ---------------------------------------------------------------- settings
 
-def _usage(option: str, error: Exception) -> pytest.UsageError:
-    return pytest.UsageError(f"--precision-{option}: {error}")
-
-
-def _parse_list(option: str, text: str, parse) -> tuple:
+def _parse_list(source: str, text: str, parse) -> tuple:
+    """``text``'s items through ``parse``; a bad one is a usage error naming ``source`` (``setting_source``)."""
     try:
         return tuple(dict.fromkeys(parse(item) for item in split_list(text)))
     except ValueError as e:  # SpecError and the registries' ValueErrors name the valid choices
-        raise _usage(option, e) from None
+        raise pytest.UsageError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------- the session: owns the run's results
@@ -70,13 +68,16 @@ class PrecisionSession:
         self.config = config
         self.json_path = _path(setting(config, "json"))
         self.report_path = _path(setting(config, "report"))
-        self.devices = _parse_list("devices", setting(config, "devices") or ",".join(DEVICES), parse_device)
+        source = functools.partial(setting_source, config)
+        self.devices = _parse_list(source("devices"), setting(config, "devices") or ",".join(DEVICES), parse_device)
         formats = setting(config, "formats")
-        self.formats = None if formats is None else _parse_list("formats", formats, lambda f: get_format(f).name)
+        self.formats = None if formats is None else _parse_list(source("formats"), formats,
+                                                                lambda f: get_format(f).name)
         fail_on = setting(config, "fail-on")
-        self.fail_on = () if fail_on is None else _parse_list("fail-on", fail_on, _fail_on_item)
+        self.fail_on = () if fail_on is None else _parse_list(source("fail-on"), fail_on, _fail_on_item)
         self.baseline_path = _path(setting(config, "baseline"))
-        self.baseline = None if self.baseline_path is None else _load_baseline(self.baseline_path)
+        self.baseline = None if self.baseline_path is None else _load_baseline(self.baseline_path,
+                                                                                source("baseline"))
         if self.report_path is not None:
             _report_writer()  # fail now, not after the run, when the report module cannot load
         self.worker = getattr(config, "workerinput", None)
@@ -308,13 +309,13 @@ def _fail_on_item(item: str) -> str:
     return item
 
 
-def _load_baseline(path: Path) -> Results:
+def _load_baseline(path: Path, source: str) -> Results:
     from .results import ResultsError, load_results
 
     try:
         return load_results(path)
     except (ResultsError, ValueError, KeyError, TypeError) as e:
-        raise _usage("baseline", e) from None
+        raise pytest.UsageError(f"{source}: {e}") from None
 
 
 def _report_writer():

@@ -197,6 +197,27 @@ def test_bad_option_is_a_usage_error_at_configure_time(pytester, args, message):
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
 
 
+@pytest.mark.parametrize("ini, message", [
+    ("[pytest]\nprecision_formats = fp16,fp17\n",
+     "precision_formats in tox.ini: unknown format 'fp17'; valid: fp64, fp32, fp16, bf16, *"),
+    ("[pytest]\nprecision_fromats = fp16\n",
+     "tox.ini: unknown ini key 'precision_fromats' (did you mean 'precision_formats'?); valid: precision_json, *"),
+    ("[tool.pytest.ini_options]\nprecision-json = 'r.json'\n",
+     "pyproject.toml: unknown ini key 'precision-json' (did you mean 'precision_json'?); valid: *"),
+], ids=["value", "key", "pyproject-key"])
+def test_bad_ini_setting_is_a_usage_error_naming_the_file(pytester, ini, message):
+    """An ini value is checked as its option is, and named as the ini key; a misspelled key, which
+    pytest only warns about (the setting would silently not apply), stops the run too."""
+    pytester.makepyfile("def test_never_runs(): raise AssertionError")
+    if ini.startswith("[tool."):
+        pytester.makepyprojecttoml(ini)
+    else:
+        pytester.makeini(ini)
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
 @pytest.mark.parametrize("markers, message", [
     ('precision(expect="no-overflw")', "unknown expectation 'no-overflw'; valid: survives, no-overflow, *"),
     ("precision(dpeth=10)", "unknown argument 'dpeth'; valid: expect, init, activation, *"),
