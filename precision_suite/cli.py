@@ -199,6 +199,7 @@ def _cmd_run(args) -> int:
     out = Path(options.get("out", OUT))
     json_path = Path(options.get("json") or out / "results.json")
     html_path = Path(options.get("html") or out / "report.html")
+    _check_outputs(("--json", json_path), ("--html", html_path))
     fail_on = _parse_fail_on(options.get("fail_on", []))
     for key in ("threads", "jobs"):
         if options.get(key) is not None and not (isinstance(options[key], int) and options[key] >= 1):
@@ -332,6 +333,16 @@ def _print_comparison(baseline, current, args) -> int:
     return result.exit_code
 
 
+def _check_outputs(*outputs: tuple[str, object]) -> None:
+    """Refuse, before any work, an output path that cannot be written: ``(flag, path)`` pairs."""
+    from .results import unwritable
+
+    for flag, path in outputs:
+        why = None if path is None or path == "-" else unwritable(path)
+        if why:
+            raise UsageError(f"{flag} {path}: {why}")
+
+
 def _refuse_all_skipped(cases) -> None:
     """A run with nothing to run is bad input: say why, one line per distinct reason, before anything is written."""
     from collections import Counter
@@ -372,6 +383,7 @@ def _cmd_report(args) -> int:
     results = _load_for_report(args.results)
     baseline = None if args.baseline is None else _load_for_report(args.baseline)
     output = Path(args.output) if args.output else Path(args.results).parent / "report.html"
+    _check_outputs(("--output", output))
     try:
         path = write_report(results, output, baseline=baseline)
     except OSError as e:
@@ -398,6 +410,7 @@ def _cmd_compare(args) -> int:
     current = baseline if args.current is None else _load_for_report(args.current)
     if args.html and args.across:
         raise UsageError("--html shows a baseline diff of CURRENT's report; it does not take --across")
+    _check_outputs(("--json", args.json), ("--html", args.html))
     code = _print_comparison(baseline, current, args)
     if args.html:
         from .report import write_report
@@ -409,6 +422,7 @@ def _cmd_compare(args) -> int:
 def _cmd_merge(args) -> int:
     from .results import ResultsError, load_results, merge_results, write_json_atomic
 
+    _check_outputs(("--output", args.output))
     try:
         parts = [load_results(p) for p in args.inputs]
     except ResultsError as e:
@@ -472,16 +486,18 @@ def _cmd_probe(args) -> int:
     from .probe.factory import probe_command
     from .spec import SpecError
 
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    html_path = Path(args.html) if args.html else out / "report.html"
+    _check_outputs(("--json", json_path), ("--html", html_path))
     try:
         results = probe_command(args)
     except SpecError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    json_path = Path(args.json) if args.json else out / "results.json"
     from .results import write_json_atomic
 
     print(f"results: {write_json_atomic(json_path, results.to_dict())}")
-    html = _write_report(results, Path(args.html) if args.html else out / "report.html")
+    html = _write_report(results, html_path)
     if html is not None:
         print(f"report: {html}")
     return 1 if any(c.status == "error" for c in results.cases) else 0

@@ -23,7 +23,7 @@ import pytest
 from .defaults import DEVICES
 from .keywords import strict_keywords
 from .pytest_plugin import WORKER_KEY, setting, setting_source
-from .results import CaseResult, Results
+from .results import CaseResult, Results, unwritable
 from .spec import Case, Matrix, split_list
 from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, count_cases,
                        event_layer, expectation_met, theory_verdict)
@@ -69,6 +69,10 @@ class PrecisionSession:
         self.json_path = _path(setting(config, "json"))
         self.report_path = _path(setting(config, "report"))
         source = functools.partial(setting_source, config)
+        for name, path in (("json", self.json_path), ("report", self.report_path)):
+            why = None if path is None else unwritable(path)
+            if why:  # found now, not after the run
+                raise pytest.UsageError(f"{source(name)}: {why}")
         self.devices = _parse_list(source("devices"), setting(config, "devices") or ",".join(DEVICES), parse_device)
         formats = setting(config, "formats")
         self.formats = None if formats is None else _parse_list(source("formats"), formats,

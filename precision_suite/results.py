@@ -28,7 +28,7 @@ from .stats import Events
 from .verdicts import case_failure
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "DEFINITIONS", "TensorStats", "ForwardResult", "BackwardResult", "CaseResult",
-           "Results", "write_json_atomic", "load_results", "merge_results", "encode_float", "decode_float",
+           "Results", "write_json_atomic", "unwritable", "load_results", "merge_results", "encode_float", "decode_float",
            "ResultsError"]
 
 SCHEMA = "precision-suite/results"
@@ -289,6 +289,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why ``write_text_atomic(path, ...)`` cannot write there (a directory, a file where a folder
+    must be, a folder this user cannot write in), else None: checked before the work that fills it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; give a file path"
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # what mkdir would build on
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot write in {parent}"
 
 
 def _umask() -> int:

@@ -82,6 +82,10 @@ CLI = [
     ("memory", {}, ["run", "--width", "8192", "--depth", "100000"], "GiB available"),
     ("baseline", {}, ["run", *TINY, "--baseline", "missing.json"], "results file not found: missing.json"),
     ("config-missing", {}, ["run", "--config", "missing.toml"], "--config: file not found: missing.toml"),
+    ("json-folder", {"folder.json": None}, ["run", *TINY, "--json", "folder.json"],
+     "--json folder.json: folder.json is a directory; give a file path"),
+    ("out-file", {"out": "a file"}, ["run", *TINY, "--out", "out"], "--json out/results.json: out is not a directory"),
+    ("html-folder", {"folder.json": None}, ["run", *TINY, "--html", "folder.json"], "--html folder.json: folder.json is"),
     # config: the file and pyproject.toml's section
     ("pyproject-toml", {"pyproject.toml": "[tool.precision-suite\ndepth = 3\n"}, ["run"],
      "pyproject.toml: invalid TOML: Expected ']' at the end of a table declaration"),
@@ -123,6 +127,8 @@ CLI = [
     ("report-spec", {"spec.json": None}, ["report", "spec.json"], "unknown format 'fp12'"),
     ("report-nocases", {"nocases.json": None}, ["report", "nocases.json"], "must contain"),
     ("report-folder", {"folder.json": None}, ["report", "folder.json"], "cannot read results file folder.json"),
+    ("report-output", {"good.json": None, "folder.json": None}, ["report", "good.json", "-o", "folder.json"],
+     "--output folder.json: folder.json is a directory"),
     ("report-baseline", {"good.json": None}, ["report", "good.json", "-o", "r.html", "--baseline", "status.json"],
      "results file not found: status.json"),
     ("compare-one", {"good.json": None}, ["compare", "good.json"], "compare needs BASELINE.json and CURRENT.json"),
@@ -135,6 +141,10 @@ CLI = [
     ("compare-newer", {"good.json": None, "newer.json": None}, ["compare", "good.json", "newer.json", "--json", "d.json"],
      "schema_version 99"),
     ("merge-output", {"good.json": None}, ["merge", "good.json"], "the following arguments are required: -o/--output"),
+    ("merge-output-file", {"good.json": None, "x": "a file"}, ["merge", "good.json", "-o", "x/m.json"],
+     "--output x/m.json: x is not a directory"),
+    ("compare-json-folder", {"good.json": None, "folder.json": None},
+     ["compare", "good.json", "good.json", "--json", "folder.json"], "--json folder.json: folder.json is a directory"),
     ("merge-truncated", {"good.json": None, "truncated.json": None}, ["merge", "good.json", "truncated.json", "-o", "m.json"],
      "truncated.json is not valid JSON"),
     # the small commands
@@ -145,6 +155,7 @@ CLI = [
     ("command", {}, ["runn"], "invalid choice: 'runn'"),
     # probe
     ("probe-form", {}, ["probe", "justaname"], "factory 'justaname' must be package.module:function"),
+    ("probe-html", {"folder.json": None}, ["probe", "os:getcwd", "--html", "folder.json"], "--html folder.json: folder.json"),
     ("probe-module", {}, ["probe", "nosuchmod:make"], "cannot import 'nosuchmod' for factory 'nosuchmod:make'"),
     ("probe-returns", {}, ["probe", "os:getcwd"], "factory 'os:getcwd' returned str; it must return a torch.nn.Module"),
 ]

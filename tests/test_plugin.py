@@ -189,7 +189,10 @@ def test_baseline_flags_a_moved_layer(chain_tests):
     (["--precision-devices", "tpu"], "--precision-devices: unknown device 'tpu'; valid: cpu, cuda, cuda:N, mps"),
     (["--precision-fail-on", "overflw"], "--precision-fail-on: unknown event 'overflw'; valid: overflow, nan, *"),
     (["--precision-baseline", "missing.json"], "--precision-baseline: results file not found: missing.json"),
-], ids=["formats", "devices", "fail-on", "baseline"])
+    (["--precision-json", "."], "--precision-json: . is a directory; give a file path"),
+    (["--precision-report", "test_bad_option_is_a_usage_error_at_configure_time.py/r.html"],
+     "--precision-report: test_bad_option_is_a_usage_error_at_configure_time.py is not a directory"),
+], ids=["formats", "devices", "fail-on", "baseline", "json-folder", "report-in-a-file"])
 def test_bad_option_is_a_usage_error_at_configure_time(pytester, args, message):
     pytester.makepyfile("def test_never_runs(): raise AssertionError")
     result = pytester.runpytest(*args)
