@@ -453,7 +453,9 @@ def _cmd_list(args) -> int:
     from .spec import axis_choices, default_devices, default_modes
 
     devices = default_devices()
-    defaults = {**DEFAULTS, "devices": devices, "modes": default_modes(devices)}
+    modes = {mode: [d for d in devices if mode in default_modes([d])] for d in devices for mode in default_modes([d])}
+    defaults = {**DEFAULTS, "devices": devices,
+                "modes": [m if len(on) == len(devices) else f"{m} (on {', '.join(on)})" for m, on in modes.items()]}
     print("run's axes (comma lists; commas inside parentheses do not split), their valid values and defaults:")
     for axis, lines in axis_choices().items():
         print(f"\n--{axis}")

@@ -379,18 +379,15 @@ def _single_case(fields: dict) -> Case:
 
 def _matrix_cases(options: dict, session: PrecisionSession) -> list[Case]:
     """The cases of a test's matrix; formats and devices default to the session's, and without
-    ``modes`` each device gets its own default (emulated; native too on a GPU), as ``run`` does."""
-    from .spec import default_modes
-
+    ``modes`` each device gets its own default (emulated; native too on a GPU), as ``run`` does,
+    one device after the other."""
     options = {"devices": list(session.devices), **options}
     if session.formats is not None:
         options.setdefault("formats", list(session.formats))
     if "modes" in options:
         return Matrix.from_options(**options).cases()
     devices = Matrix.from_options(devices=options["devices"]).devices
-    return [case for device in devices
-            for case in Matrix.from_options(**{**options, "devices": [device],
-                                               "modes": default_modes([device])}).cases()]
+    return [case for device in devices for case in Matrix.from_options(**{**options, "devices": [device]}).cases()]
 
 
 def _group_name(case: Case) -> str:

@@ -189,13 +189,14 @@ def _parse(value: str, parser):
 @strict_keywords
 @dataclass(frozen=True)
 class Matrix:
-    """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names."""
+    """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names;
+    ``modes`` None gives each device its own default modes (``default_modes``: native on a GPU)."""
 
     inits: tuple = tuple(DEFAULTS["inits"])
     activations: tuple = tuple(DEFAULTS["activations"])
     formats: tuple = tuple(DEFAULTS["formats"])
     devices: tuple | None = None  # None: this machine's default_devices(), as from_options and the CLI
-    modes: tuple | None = None  # None: default_modes(devices)
+    modes: tuple | None = None  # None: each device's default_modes([device])
     backends: tuple = tuple(DEFAULTS["backends"])
     norms: tuple = tuple(DEFAULTS["norms"])
     inputs: tuple = tuple(DEFAULTS["inputs"])
@@ -211,8 +212,6 @@ class Matrix:
     def __post_init__(self):
         if self.devices is None:
             object.__setattr__(self, "devices", tuple(default_devices()))
-        if self.modes is None:
-            object.__setattr__(self, "modes", tuple(default_modes(self.devices)))
 
     @classmethod
     def from_options(cls, **opts) -> "Matrix":
@@ -246,8 +245,7 @@ class Matrix:
         devices = items("devices")
         kw["devices"] = tuple(dict.fromkeys(parse_device(x) for x in devices)) if devices else tuple(default_devices())
         modes = items("modes")
-        kw["modes"] = (tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes
-                       else tuple(default_modes(kw["devices"])))
+        kw["modes"] = tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes else None
         if (v := items("backends")) is not None:
             kw["backends"] = tuple(dict.fromkeys(_choice("backend", x, BACKENDS) for x in v))
         if (v := items("norms")) is not None:
@@ -272,9 +270,12 @@ class Matrix:
 
     def cases(self) -> list[Case]:
         out = []
-        for (act, init, fmt, dev, mode, backend, norm, inp, depth, width, batch, seed) in itertools.product(
-                self.activations, self.inits, self.formats, self.devices, self.modes, self.backends,
-                self.norms, self.inputs, self.depth, self.width, self.batch, self.seed):
+        for (act, init, fmt, dev, mode, backend, norm, inp, depth, width, batch, seed) in (
+                (*head, mode, *tail)
+                for head in itertools.product(self.activations, self.inits, self.formats, self.devices)
+                for mode in (self.modes or default_modes([head[3]]))
+                for tail in itertools.product(self.backends, self.norms, self.inputs, self.depth, self.width,
+                                              self.batch, self.seed)):
             out.append(Case(init=init, activation=act, format=fmt, device=dev, mode=mode, backend=backend,
                             width=width, depth=depth, batch=batch, seed=seed, input=inp, norm=norm,
                             residual=self.residual, bias=self.bias,

@@ -15,7 +15,6 @@ from precision_suite import Case, Matrix, run_case
 from precision_suite.cli import _subcommand, main
 from precision_suite.compare import Tolerances
 from precision_suite.defaults import DEFAULTS, DEVICES
-from precision_suite.spec import default_devices
 
 pytest_plugins = ["pytester"]
 pytest.importorskip("torch")  # before pytester, whose teardown drops the modules first imported inside a test
@@ -50,30 +49,48 @@ def _api_cases(monkeypatch, **axes) -> list[str]:
     return seen.value.args[0]
 
 
-def test_cli_api_and_plugin_default_matrices_are_the_same_cases(tmp_path, monkeypatch, pytester):
-    cli = _cli_cases(tmp_path, monkeypatch)
-    api = _api_cases(monkeypatch)
-    assert len(cli) == len(DEFAULTS["inits"]) * len(DEFAULTS["activations"]) * len(DEFAULTS["formats"]) * len(
-        default_devices()) * (2 if "cuda" in default_devices() else 1)
-    assert sorted(api) == sorted(cli)
-    assert [c.id for c in Matrix().cases()] == [c.id for c in Matrix.from_options().cases()] == cli
-    # the plugin: a bare precision_matrix marker; cases on absent devices are skipped tests
+@pytest.fixture
+def plugin_default_cases(pytester) -> list[str]:
+    """The case ids a bare ``precision_matrix()`` marker collects (those of absent devices too)."""
+    pytester.makeconftest("""
+        def pytest_collection_modifyitems(items):
+            with open("ids.txt", "w") as f:
+                f.writelines(item.callspec.params["precision_spec"].id + "\\n" for item in items)
+    """)
     pytester.makepyfile("""
         import pytest
 
         @pytest.mark.precision_matrix()
-        def test_default(precision_case, precision_spec):
-            with open("ids.txt", "a") as f:
-                f.write(precision_spec.id + "\\n")
+        def test_default(precision_case):
+            pass
     """)
-    run = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    run = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--collect-only", "-q")
     assert run.ret == pytest.ExitCode.OK
-    plugin = (pytester.path / "ids.txt").read_text().split()
-    assert plugin == cli
-    skipped = run.parseoutcomes().get("skipped", 0)
-    absent = [d for d in DEVICES if d not in default_devices()]
-    assert skipped == len(absent) * len(DEFAULTS["inits"]) * len(DEFAULTS["activations"]) * len(
-        DEFAULTS["formats"]) * 2  # emulated and native on each absent GPU
+    return (pytester.path / "ids.txt").read_text().split()
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-only", "with-a-gpu"])
+def test_cli_api_and_plugin_default_matrices_are_the_same_cases(tmp_path, monkeypatch, plugin_default_cases, gpu):
+    """Left to their defaults, ``precision-suite run``, ``run_matrix()``, ``Matrix()`` and the plugin
+    run the same cases: every default init x activation x format, emulated on the CPU, and on a
+    machine with a GPU its emulated and native cases too (the plugin collects those everywhere and
+    skips them where no GPU is present)."""
+    import precision_suite.engine.support as support
+    import precision_suite.spec as spec
+
+    monkeypatch.setattr(spec, "_cuda_available", lambda: gpu)
+    monkeypatch.setattr(support, "skip_reason", lambda case: None)  # "with-a-gpu" runs here too
+    cli = _cli_cases(tmp_path, monkeypatch)
+    api = _api_cases(monkeypatch)
+    on = {("cpu", "emulated")} | ({("cuda", "emulated"), ("cuda", "native")} if gpu else set())
+    matrix = Matrix.from_options().cases()
+    assert {(c.device, c.mode) for c in matrix} == on
+    assert len(matrix) == len(on) * len(DEFAULTS["inits"]) * len(DEFAULTS["activations"]) * len(DEFAULTS["formats"])
+    assert cli == [c.id for c in matrix] == [c.id for c in Matrix().cases()]
+    assert sorted(api) == sorted(cli)
+    present = [i for i in plugin_default_cases if gpu or "-cuda-" not in i]
+    assert sorted(present) == sorted(cli)
+    assert len(plugin_default_cases) == len(matrix if gpu else cli) * (1 if gpu else 3)  # cpu; cuda emulated, native
 
 
 def test_run_case_defaults_are_a_cli_case():
