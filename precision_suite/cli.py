@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .defaults import DEFAULTS, OUT, PROBE, THREADS, TOLERANCES
 from .verdicts import FAIL_ON_CHOICES
 
 __all__ = ["main", "build_parser", "FAIL_ON_CHOICES"]
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     opts.add_argument("--residual", metavar="ALPHA", type=float, help="x_l = x_{l-1} + ALPHA * f(x_{l-1})")
     opts.add_argument("--bias", action="store_true", default=None, help="draw a zero-mean bias like the weights")
     opts.add_argument("--underflow-threshold", type=float, metavar="FRAC",
-                      help="underflowed fraction that counts as the underflow event (default 0.01)")
+                      help=f"underflowed fraction that counts as the underflow event "
+                           f"(default {DEFAULTS['underflow_threshold']:g})")
     opts.add_argument("--loss-scale", type=float, metavar="S", help="multiply the loss (and every gradient) by S")
     opts.add_argument("--rel-error", action="store_true", default=None,
                       help="also run an fp64 shadow chain and record the relative RMS error per layer")
@@ -77,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "a case that raised exits 1 whatever this says)")
     opts.add_argument("--baseline", metavar="FILE", help="results JSON of an earlier run: compare right after this run "
                                                          "(as `precision-suite compare FILE`) and exit 1 on regression")
-    opts.add_argument("--out", metavar="DIR", help="output directory (default: reports)")
+    opts.add_argument("--out", metavar="DIR", help=f"output directory (default: {OUT})")
     opts.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
     opts.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
     opts.add_argument("--config", metavar="FILE", help="TOML file of the same options "
                                                        "(also read: [tool.precision-suite] in ./pyproject.toml)")
     opts.add_argument("--threads", type=int, metavar="N",
-                      help="torch threads (default: $OMP_NUM_THREADS, else 1: the matrix's tensors are small and "
+                      help=f"torch threads (default: $OMP_NUM_THREADS, else {THREADS}: the matrix's tensors are small and "
                            "extra threads spin-wait badly on a busy machine; raise it for wide chains)")
     opts.add_argument("--jobs", "-j", type=int, metavar="N",
                       help="processes that run the matrix side by side, each with --threads threads (default: one "
@@ -113,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--across", metavar="AXIS[=BASE:CUR]",
                      help="match cases that differ only in AXIS (device, mode, backend, format), e.g. "
                           "--across mode=emulated:native; without values the first in sorted order is the baseline")
-    cmp.add_argument("--layers", type=int, default=0, metavar="N", help="layers an event may move (default 0)")
-    cmp.add_argument("--bits", type=float, default=0.25, metavar="B",
-                     help="drift of log2 rms/amax reported beyond this (default 0.25)")
-    cmp.add_argument("--fraction", type=float, default=0.01, metavar="F",
-                     help="drift of a fraction statistic reported beyond this (default 0.01: one percentage point)")
+    cmp.add_argument("--layers", type=int, default=TOLERANCES["layers"], metavar="N",
+                     help="layers an event may move (default %(default)s)")
+    cmp.add_argument("--bits", type=float, default=TOLERANCES["bits"], metavar="B",
+                     help="drift of log2 rms/amax reported beyond this (default %(default)s)")
+    cmp.add_argument("--fraction", type=float, default=TOLERANCES["fraction"], metavar="F",
+                     help="drift of a fraction statistic reported beyond this (default %(default)s; 0.01 is one "
+                          "percentage point)")
     cmp.add_argument("--strict-stats", action="store_true", help="judge drifted statistics too (exit 1)")
     cmp.add_argument("--json", metavar="PATH", help="also write the diff as JSON (- prints it instead of the table)")
     cmp.add_argument("--html", metavar="PATH", help="also write CURRENT's report with the diff section")
@@ -136,14 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     src = prb.add_mutually_exclusive_group()
     src.add_argument("--input-shape", metavar="SHAPE", help="a normal input of this shape, e.g. 8,128,512")
     src.add_argument("--inputs", metavar="FILE.pt", help="example inputs saved with torch.save")
-    prb.add_argument("--formats", metavar="LIST", default="fp16,bf16", help="e.g. fp16,bf16,fp8_e4m3fn")
-    prb.add_argument("--modes", metavar="LIST", default="emulated,autocast", help="emulated,autocast,native")
-    prb.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
-    prb.add_argument("--seed", type=int, default=0, help="seed of the drawn input and the backward seed gradient")
-    prb.add_argument("--underflow-threshold", type=float, default=0.01, metavar="FRAC")
-    prb.add_argument("--loss-scale", type=float, default=1.0, metavar="S")
+    prb.add_argument("--formats", metavar="LIST", default=",".join(PROBE["formats"]),
+                     help="e.g. fp16,bf16,fp8_e4m3fn (default %(default)s)")
+    prb.add_argument("--modes", metavar="LIST", default=",".join(PROBE["modes"]),
+                     help="emulated,autocast,native (default %(default)s)")
+    prb.add_argument("--device", default=PROBE["device"], help="cpu, cuda, cuda:N, mps (default %(default)s)")
+    prb.add_argument("--seed", type=int, default=DEFAULTS["seed"][0],
+                     help="seed of the drawn input and the backward seed gradient (default %(default)s)")
+    prb.add_argument("--underflow-threshold", type=float, default=DEFAULTS["underflow_threshold"], metavar="FRAC",
+                     help="underflowed fraction that counts as the underflow event (default %(default)s)")
+    prb.add_argument("--loss-scale", type=float, default=DEFAULTS["loss_scale"], metavar="S",
+                     help="multiply the loss (and every gradient) by S (default %(default)s)")
     prb.add_argument("--no-backward", action="store_true", help="forward pass only")
-    prb.add_argument("--out", metavar="DIR", default="reports", help="output directory (default: reports)")
+    prb.add_argument("--out", metavar="DIR", default=OUT, help="output directory (default: %(default)s)")
     prb.add_argument("--json", metavar="PATH", help="results JSON path (default: OUT/results.json)")
     prb.add_argument("--html", metavar="PATH", help="HTML report path (default: OUT/report.html)")
 
@@ -187,9 +196,10 @@ def _cmd_run(args) -> int:
     from .spec import Matrix, SpecError
 
     options = _merged_options(args)
-    out = Path(options.get("out", "reports"))
+    out = Path(options.get("out", OUT))
     json_path = Path(options.get("json") or out / "results.json")
     html_path = Path(options.get("html") or out / "report.html")
+    _check_outputs(("--json", json_path), ("--html", html_path))
     fail_on = _parse_fail_on(options.get("fail_on", []))
     for key in ("threads", "jobs"):
         if options.get(key) is not None and not (isinstance(options[key], int) and options[key] >= 1):
@@ -251,7 +261,7 @@ def _cmd_run(args) -> int:
         for line in failed:
             print(f"FAIL {line}", file=sys.stderr)
         regressed = baseline is not None and _print_comparison(baseline, results, argparse.Namespace(
-            across=None, layers=0, bits=0.25, fraction=0.01, strict_stats=False, json=None)) == 1
+            across=None, strict_stats=False, json=None, **TOLERANCES)) == 1
         return 1 if errors or failed or regressed else 0
     except KeyboardInterrupt as e:
         code = 143 if isinstance(e.__cause__ or e, _Terminated) else 130
@@ -323,6 +333,16 @@ def _print_comparison(baseline, current, args) -> int:
     return result.exit_code
 
 
+def _check_outputs(*outputs: tuple[str, object]) -> None:
+    """Refuse, before any work, an output path that cannot be written: ``(flag, path)`` pairs."""
+    from .results import unwritable
+
+    for flag, path in outputs:
+        why = None if path is None or path == "-" else unwritable(path)
+        if why:
+            raise UsageError(f"{flag} {path}: {why}")
+
+
 def _refuse_all_skipped(cases) -> None:
     """A run with nothing to run is bad input: say why, one line per distinct reason, before anything is written."""
     from collections import Counter
@@ -363,6 +383,7 @@ def _cmd_report(args) -> int:
     results = _load_for_report(args.results)
     baseline = None if args.baseline is None else _load_for_report(args.baseline)
     output = Path(args.output) if args.output else Path(args.results).parent / "report.html"
+    _check_outputs(("--output", output))
     try:
         path = write_report(results, output, baseline=baseline)
     except OSError as e:
@@ -389,6 +410,7 @@ def _cmd_compare(args) -> int:
     current = baseline if args.current is None else _load_for_report(args.current)
     if args.html and args.across:
         raise UsageError("--html shows a baseline diff of CURRENT's report; it does not take --across")
+    _check_outputs(("--json", args.json), ("--html", args.html))
     code = _print_comparison(baseline, current, args)
     if args.html:
         from .report import write_report
@@ -400,6 +422,7 @@ def _cmd_compare(args) -> int:
 def _cmd_merge(args) -> int:
     from .results import ResultsError, load_results, merge_results, write_json_atomic
 
+    _check_outputs(("--output", args.output))
     try:
         parts = [load_results(p) for p in args.inputs]
     except ResultsError as e:
@@ -427,10 +450,12 @@ def _cmd_formats(args) -> int:
 
 def _cmd_list(args) -> int:
     """Every axis of ``run``: its valid values (from the registries) and its default here."""
-    from .spec import DEFAULTS, axis_choices, default_devices, default_modes
+    from .spec import axis_choices, default_devices, default_modes
 
     devices = default_devices()
-    defaults = {**DEFAULTS, "devices": devices, "modes": default_modes(devices)}
+    modes = {mode: [d for d in devices if mode in default_modes([d])] for d in devices for mode in default_modes([d])}
+    defaults = {**DEFAULTS, "devices": devices,
+                "modes": [m if len(on) == len(devices) else f"{m} (on {', '.join(on)})" for m, on in modes.items()]}
     print("run's axes (comma lists; commas inside parentheses do not split), their valid values and defaults:")
     for axis, lines in axis_choices().items():
         print(f"\n--{axis}")
@@ -463,16 +488,18 @@ def _cmd_probe(args) -> int:
     from .probe.factory import probe_command
     from .spec import SpecError
 
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    html_path = Path(args.html) if args.html else out / "report.html"
+    _check_outputs(("--json", json_path), ("--html", html_path))
     try:
         results = probe_command(args)
     except SpecError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    json_path = Path(args.json) if args.json else out / "results.json"
     from .results import write_json_atomic
 
     print(f"results: {write_json_atomic(json_path, results.to_dict())}")
-    html = _write_report(results, Path(args.html) if args.html else out / "report.html")
+    html = _write_report(results, html_path)
     if html is not None:
         print(f"report: {html}")
     return 1 if any(c.status == "error" for c in results.cases) else 0

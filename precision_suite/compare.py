@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as _np
 
+from .defaults import TOLERANCES
 from .environment import flatten
+from .keywords import strict_keywords
 from .results import CaseResult, Results
 from .verdicts import JUDGED_EVENTS, Moved, case_moves
 
@@ -33,14 +35,15 @@ class CompareError(ValueError):
     """Bad input to a comparison (no case matched, an unknown axis): one line, exit code 2."""
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class Tolerances:
     """``layers``: how far a judged event may move; ``bits``: drift of log2 rms/amax per layer;
     ``fraction``: drift of a fraction statistic (0.01 = one percentage point)."""
 
-    layers: int = 0
-    bits: float = 0.25
-    fraction: float = 0.01
+    layers: int = TOLERANCES["layers"]
+    bits: float = TOLERANCES["bits"]
+    fraction: float = TOLERANCES["fraction"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def parse_across(text: str) -> tuple[str, tuple[str, str] | None]:
     return axis, (a.strip(), b.strip())
 
 
+@strict_keywords
 def compare(baseline: Results, current: Results, *, tolerances: Tolerances = Tolerances(), across: str | None = None,
             values: tuple[str, str] | None = None, strict_stats: bool = False) -> Comparison:
     """Diff ``current`` against ``baseline`` (the same Results twice with ``across`` for one file)."""

@@ -1,6 +1,6 @@
 """Run options from TOML: ``--config FILE``, else ``[tool.precision-suite]`` in ./pyproject.toml.
 
-Precedence: command line > config file > defaults (``spec.DEFAULTS``). The keys are the ``run``
+Precedence: command line > config file > defaults (``defaults.DEFAULTS``). The keys are the ``run``
 command's options (``fail-on`` or ``fail_on``), read from its parser, so the file and the command
 line cannot drift apart. Here each value's TOML type is checked; what the value means is checked
 where the command line's is (``spec``, the run command). Anything wrong is a ``ConfigError``: one

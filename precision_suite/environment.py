@@ -7,14 +7,16 @@ import platform
 import re
 import sys
 
+from .defaults import THREADS
+
 __all__ = ["fingerprint", "flatten", "flush_denormal_enabled", "resolve_threads"]
 
 
 def resolve_threads(threads: int | None) -> int:
-    """The torch threads a run uses: ``threads``, else OMP_NUM_THREADS if the user set it, else 1
-    (see ``runner.torch_threads``)."""
+    """The torch threads a run uses: ``threads``, else OMP_NUM_THREADS if the user set it, else
+    ``defaults.THREADS`` (see ``runner.torch_threads``)."""
     if threads is None:
-        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else 1
+        threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else THREADS
     return max(1, threads)
 
 

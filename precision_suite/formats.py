@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 import ml_dtypes as _mld
 import numpy as _np
 
+from .keywords import strict_keywords
+
 __all__ = ["Format", "FORMATS", "ELEMENT_FORMATS", "get_format", "format_names", "round_to_format",
            "round_fp64_to_fp32_odd"]
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class Format:
     """One number format with its finfo limits (all in the format's own units, as Python floats)."""
@@ -166,6 +169,7 @@ def format_names() -> list[str]:
     return list(FORMATS)
 
 
+@strict_keywords
 def get_format(name: str) -> Format:
     """Canonical format for a name or alias (case-insensitive), or a scaled format such as
     ``mxfp4(scale_rule=ceil)`` (``scaled.parse_scaled``: the storage format's limits under the

@@ -12,8 +12,10 @@ Case fields. A case on a device this machine lacks (cuda without a GPU) skips wi
 
 Every option has an ini twin (``precision_json = reports/results.json`` under ``[pytest]`` or
 ``[tool.pytest.ini_options]``); the command line beats the ini file. Under pytest-xdist every
-worker runs its share with ``cores // workers`` threads (``OMP_NUM_THREADS``) and hands its
-results to the controller through ``workeroutput``; only the controller writes the JSON and the report.
+worker runs its share and hands its results to the controller through ``workeroutput``; only the
+controller writes the JSON and the report. Workers run cases with the thread count ``-n 0`` uses
+(``OMP_NUM_THREADS`` if set, else one: ``environment.resolve_threads``), so that the results are
+bit-identical however many workers share them; the plugin sets no worker's environment.
 
 This module is what pytest imports in every project where the package is installed, so it holds
 only options, markers and hook dispatch: the session (``pytest_session.PrecisionSession``, with
@@ -23,10 +25,9 @@ ini key, a precision marker, the fixture, or a worker's precision results.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from .defaults import DEFAULTS, DEVICES
 from .verdicts import EXPECTATIONS, FAIL_ON_CHOICES
 
 __all__ = ["EXPECTATIONS", "describe_event", "precision_case", "precision_spec", "session"]  # noqa: F822 - describe_event loads lazily (__getattr__)
@@ -37,9 +38,9 @@ OPTIONS = (
     ("baseline", "PATH", ("results JSON of an earlier run: a test fails when its case's failure, overflow, nan, "
                           "underflow or zero layer (forward or backward) differs from the baseline's, or the "
                           "case ran there and errors now")),
-    ("devices", "LIST", ("devices of precision_matrix tests that name none (default: cpu,cuda; "
+    ("devices", "LIST", (f"devices of precision_matrix tests that name none (default: {','.join(DEVICES)}; "
                          "cuda cases skip where no GPU is present)")),
-    ("formats", "LIST", "formats of precision_matrix tests that name none (default: fp32,fp16,bf16)"),
+    ("formats", "LIST", f"formats of precision_matrix tests that name none (default: {','.join(DEFAULTS['formats'])})"),
     ("fail-on", "LIST", f"fail a test whose case shows one of: {', '.join(FAIL_ON_CHOICES)}"),
 )
 WORKER_KEY = "precision_suite"  # where a worker's results travel in xdist's workeroutput
@@ -52,6 +53,15 @@ def setting(config, name: str) -> str | None:
     key = "precision_" + name.replace("-", "_")
     value = config.getoption(key) or config.getini(key)
     return (value.strip() or None) if value else None
+
+
+def setting_source(config, name: str) -> str:
+    """Where ``setting(config, name)`` came from, as an error message names it:
+    ``--precision-formats`` or ``precision_formats in pytest.ini``."""
+    key = "precision_" + name.replace("-", "_")
+    if config.getoption(key) or config.inipath is None:
+        return f"--precision-{name}"
+    return f"{key} in {config.inipath.name}"
 
 
 def session(config):
@@ -81,26 +91,58 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "precision_matrix(**axes): parametrize the test over a precision-suite "
                                        "matrix (inits=, activations=, formats=, devices=, depth=, ... as in "
                                        "`precision-suite run`)")
+    _refuse_misspelled_ini_keys(config)
     if any(setting(config, name) for name, _, _ in OPTIONS):
         session(config)  # settings are checked now: a bad one stops the run before any test
+
+
+def _refuse_misspelled_ini_keys(config) -> None:
+    """An ini key meant for this plugin but misspelled (``precision_fromats``) stops the run: pytest
+    itself only warns of an unknown key, and the setting would silently not apply."""
+    ours = [f"precision_{name.replace('-', '_')}" for name, _, _ in OPTIONS]
+    for key in _ini_keys(config):
+        if key in ours or not key.lower().replace("-", "_").startswith(("precision", "precison", "presicion")):
+            continue
+        try:
+            config.getini(key)  # another plugin's key
+            continue
+        except ValueError:
+            pass
+        import difflib
+
+        close = difflib.get_close_matches(key, ours, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise pytest.UsageError(f"{config.inipath.name}: unknown ini key {key!r}{hint}; valid: {', '.join(ours)}")
+
+
+def _ini_keys(config) -> list[str]:
+    """The keys of pytest's table in the config file pytest read: [pytest] (pytest.ini, tox.ini),
+    [tool:pytest] (setup.cfg), [tool.pytest.ini_options] or [tool.pytest] (pyproject.toml). Read
+    here because pytest lists them only through a deprecated attribute."""
+    import configparser
+
+    path = getattr(config, "inipath", None)
+    if path is None:
+        return []
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python < 3.11
+                import tomli as tomllib
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("pytest", {})
+            return [*table.get("ini_options", {}), *(k for k in table if k != "ini_options")]
+        parser = configparser.RawConfigParser()
+        parser.read(path, encoding="utf-8")
+        section = "tool:pytest" if path.name == "setup.cfg" else "pytest"
+        return list(parser[section]) if parser.has_section(section) else []
+    except (OSError, ValueError, AttributeError, configparser.Error):  # pytest has said what it could not read
+        return []
 
 
 def pytest_generate_tests(metafunc):
     if any(metafunc.definition.get_closest_marker(m) for m in _MARKERS):
         session(metafunc.config).parametrize(metafunc)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_setupnodes(config, specs):
-    """Give each worker cores // workers threads (torch, and numpy's BLAS, which spins when
-    oversubscribed: 2 workers x 2 threads on 2 cores ran the default matrix 4x slower than -n 0).
-    Set in the workers' environment before they import anything; an OMP_NUM_THREADS of the
-    user's is left alone."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    for spec in specs:
-        spec.env.setdefault("OMP_NUM_THREADS", str(max(1, cores // len(specs))))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -14,20 +14,21 @@ group's tests it will be sent).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
-from .pytest_plugin import WORKER_KEY, setting
-from .results import CaseResult, Results
+from .defaults import DEVICES
+from .keywords import strict_keywords
+from .pytest_plugin import WORKER_KEY, setting, setting_source
+from .results import CaseResult, Results, unwritable
 from .spec import Case, Matrix, split_list
 from .verdicts import (EXPECTATIONS, FAIL_ON_CHOICES, case_moves, checks_hit, count_cases,
                        event_layer, expectation_met, theory_verdict)
 
 __all__ = ["PrecisionSession", "describe_event"]
-
-_DEFAULT_DEVICES = "cpu,cuda"
 
 # Case field -> the Matrix option (``precision-suite run`` axis) that sets it
 _AXES = {"init": "inits", "activation": "activations", "format": "formats", "device": "devices",
@@ -38,7 +39,7 @@ _MATRIX_OPTIONS = (*_AXES.values(), *_SCALARS)
 _CASE_FIELDS = tuple(f.name for f in dataclasses.fields(Case))
 # test id: always these, then the named axes where not at their default, then the sizes that vary
 _ID_FIELDS = ("activation", "init", "format", "device")
-_ID_NAMED = {"mode": "emulated", "backend": "torch", "norm": "none", "input": "normal"}
+_ID_NAMED = {name: Case.__dataclass_fields__[name].default for name in ("mode", "backend", "norm", "input")}
 _ID_SIZES = {"depth": "d{}", "width": "w{}", "batch": "b{}", "seed": "s{}"}
 
 _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gradient w.r.t. post",
@@ -47,15 +48,12 @@ _TENSOR_NAMES = {"pre": "pre-activation", "post": "post-activation", "grad": "gr
 
 # ---------------------------------------------------------------- settings
 
-def _usage(option: str, error: Exception) -> pytest.UsageError:
-    return pytest.UsageError(f"--precision-{option}: {error}")
-
-
-def _parse_list(option: str, text: str, parse) -> tuple:
+def _parse_list(source: str, text: str, parse) -> tuple:
+    """``text``'s items through ``parse``; a bad one is a usage error naming ``source`` (``setting_source``)."""
     try:
         return tuple(dict.fromkeys(parse(item) for item in split_list(text)))
     except ValueError as e:  # SpecError and the registries' ValueErrors name the valid choices
-        raise _usage(option, e) from None
+        raise pytest.UsageError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------- the session: owns the run's results
@@ -70,13 +68,20 @@ class PrecisionSession:
         self.config = config
         self.json_path = _path(setting(config, "json"))
         self.report_path = _path(setting(config, "report"))
-        self.devices = _parse_list("devices", setting(config, "devices") or _DEFAULT_DEVICES, parse_device)
+        source = functools.partial(setting_source, config)
+        for name, path in (("json", self.json_path), ("report", self.report_path)):
+            why = None if path is None else unwritable(path)
+            if why:  # found now, not after the run
+                raise pytest.UsageError(f"{source(name)}: {why}")
+        self.devices = _parse_list(source("devices"), setting(config, "devices") or ",".join(DEVICES), parse_device)
         formats = setting(config, "formats")
-        self.formats = None if formats is None else _parse_list("formats", formats, lambda f: get_format(f).name)
+        self.formats = None if formats is None else _parse_list(source("formats"), formats,
+                                                                lambda f: get_format(f).name)
         fail_on = setting(config, "fail-on")
-        self.fail_on = () if fail_on is None else _parse_list("fail-on", fail_on, _fail_on_item)
+        self.fail_on = () if fail_on is None else _parse_list(source("fail-on"), fail_on, _fail_on_item)
         self.baseline_path = _path(setting(config, "baseline"))
-        self.baseline = None if self.baseline_path is None else _load_baseline(self.baseline_path)
+        self.baseline = None if self.baseline_path is None else _load_baseline(self.baseline_path,
+                                                                                source("baseline"))
         if self.report_path is not None:
             _report_writer()  # fail now, not after the run, when the report module cannot load
         self.worker = getattr(config, "workerinput", None)
@@ -168,7 +173,9 @@ class PrecisionSession:
         expect, fields = _declared(request.node)
         base = precision_spec.to_dict() if precision_spec is not None else fields
 
-        def run(case: Case | CaseResult | None = None, /, *, backward: bool = True, **changes) -> CaseResult:
+        @strict_keywords(forwards_to=Case)  # precision_case(widht=64) names the valid fields
+        def precision_case(case: Case | CaseResult | None = None, /, *, backward: bool = True,
+                           **changes) -> CaseResult:
             if case is not None and changes:
                 raise TypeError("precision_case: pass a Case (or CaseResult) or field changes, not both")
             if isinstance(case, CaseResult):
@@ -183,7 +190,7 @@ class PrecisionSession:
                 pytest.fail("\n".join(failures), pytrace=False)
             return result
 
-        return run
+        return precision_case
 
     # --- collection: the order of the JSON, and the cases to batch
 
@@ -306,13 +313,13 @@ def _fail_on_item(item: str) -> str:
     return item
 
 
-def _load_baseline(path: Path) -> Results:
+def _load_baseline(path: Path, source: str) -> Results:
     from .results import ResultsError, load_results
 
     try:
         return load_results(path)
     except (ResultsError, ValueError, KeyError, TypeError) as e:
-        raise _usage("baseline", e) from None
+        raise pytest.UsageError(f"{source}: {e}") from None
 
 
 def _report_writer():
@@ -372,18 +379,15 @@ def _single_case(fields: dict) -> Case:
 
 def _matrix_cases(options: dict, session: PrecisionSession) -> list[Case]:
     """The cases of a test's matrix; formats and devices default to the session's, and without
-    ``modes`` each device gets its own default (emulated; native too on a GPU), as ``run`` does."""
-    from .spec import default_modes
-
+    ``modes`` each device gets its own default (emulated; native too on a GPU), as ``run`` does,
+    one device after the other."""
     options = {"devices": list(session.devices), **options}
     if session.formats is not None:
         options.setdefault("formats", list(session.formats))
     if "modes" in options:
         return Matrix.from_options(**options).cases()
     devices = Matrix.from_options(devices=options["devices"]).devices
-    return [case for device in devices
-            for case in Matrix.from_options(**{**options, "devices": [device],
-                                               "modes": default_modes([device])}).cases()]
+    return [case for device in devices for case in Matrix.from_options(**{**options, "devices": [device]}).cases()]
 
 
 def _group_name(case: Case) -> str:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as _np
 
+from .keywords import strict_keywords
 from .spec import Case
 from .stats import Events
 from .verdicts import case_failure
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "DEFINITIONS", "TensorStats", "ForwardResult", "BackwardResult", "CaseResult",
-           "Results", "write_json_atomic", "load_results", "merge_results", "encode_float", "decode_float",
+           "Results", "write_json_atomic", "unwritable", "load_results", "merge_results", "encode_float", "decode_float",
            "ResultsError"]
 
 SCHEMA = "precision-suite/results"
@@ -139,6 +140,7 @@ class BackwardResult:
                    _decode_stats(d["wgrad"]), d.get("loss_scale"), _decode_stats(d.get("grad_gemm_in")))
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class CaseResult:
     case: Case
@@ -222,6 +224,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@strict_keywords
 @dataclass(frozen=True)
 class Results:
     """A run's cases and the environments they ran in; ``created`` and ``tool_version`` default to
@@ -307,12 +310,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why ``write_text_atomic(path, ...)`` cannot write there (a directory, a file where a folder
+    must be, a folder this user cannot write in), else None: checked before the work that fills it."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; give a file path"
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # what mkdir would build on
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot write in {parent}"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+@strict_keywords
 def load_results(path: str | os.PathLike) -> Results:
     """Read and validate a results file; anything wrong with it is a ResultsError in one line."""
     if not isinstance(path, (str, os.PathLike)):  # open(3) would read file descriptor 3
@@ -345,6 +361,7 @@ def load_results(path: str | os.PathLike) -> Results:
         raise ResultsError(f"{path} does not follow the results schema: {e}") from None
 
 
+@strict_keywords
 def merge_results(parts: list[Results], allow_mixed: bool = False) -> Results:
     """One Results from several shards. A case id in two shards must be the same run: its results
     (timing and environment aside) must agree, else ``ResultsError`` — unless ``allow_mixed``, and

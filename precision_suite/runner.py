@@ -15,6 +15,7 @@ from typing import Callable
 
 from .environment import fingerprint, resolve_threads
 from .formats import get_format
+from .keywords import strict_keywords
 from .results import CaseResult, Results, write_json_atomic
 from .spec import Case, Matrix
 
@@ -148,6 +149,7 @@ def _process_settings(threads: int | None):
         yield
 
 
+@strict_keywords(forwards_to=Matrix)  # run_matrix(depht=5) must not run depth 100
 def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None, backward: bool = True,
                rel_error: bool = False, json_path: str | os.PathLike | None = None, resume: bool = False,
                on_result: Callable[[CaseResult], None] | None = None,
@@ -173,6 +175,8 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     from .journal import Journal, journal_path, kill_point, run_identity
     from .workers import run_units
 
+    _check_run_options(backward=backward, rel_error=rel_error, resume=resume, json_path=json_path, threads=threads,
+                       jobs=jobs)
     if axes and (cases is not None or matrix is not None):  # they would be ignored silently
         raise TypeError(f"run_matrix: axes ({', '.join(sorted(axes))}) go with neither matrix= nor cases=; "
                         "give one of the three")
@@ -253,6 +257,21 @@ def run_matrix(matrix: Matrix | None = None, *, cases: list[Case] | None = None,
     return results
 
 
+def _check_run_options(*, backward, rel_error, resume, json_path, threads, jobs) -> None:
+    """run_matrix's own options, as the CLI checks its flags: a SpecError naming the value (``jobs=0``
+    ran one process, ``backward="no"`` ran the backward pass)."""
+    from .spec import SpecError
+
+    for name, value in (("backward", backward), ("rel_error", rel_error), ("resume", resume)):
+        if not isinstance(value, bool):
+            raise SpecError(f"run_matrix: {name} must be True or False, got {value!r}")
+    for name, value in (("threads", threads), ("jobs", jobs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SpecError(f"run_matrix: {name} must be a positive integer or None, got {value!r}")
+    if json_path is not None and not isinstance(json_path, (str, os.PathLike)):
+        raise SpecError(f"run_matrix: json_path must be a str or os.PathLike, got {type(json_path).__name__}")
+
+
 def _restored(journal, cases: list[Case]) -> list[CaseResult]:
     """The journal's cases as results (its own writing: a case that does not read back, or is not
     one of the run's, is damage)."""
@@ -272,6 +291,7 @@ def _restored(journal, cases: list[Case]) -> list[CaseResult]:
     return restored
 
 
+@strict_keywords(forwards_to=Case)
 def run_case(case: Case | None = None, *, backward: bool = True, rel_error: bool = False, **fields) -> CaseResult:
     """Run one case (``run_case(init="normal", activation="relu", format="fp16")``)."""
     case = case if case is not None else Case(**fields)

@@ -12,9 +12,11 @@ import math
 from dataclasses import asdict, dataclass
 
 from .activations import get_activation
+from .defaults import DEFAULTS, DEVICES
 from .draws import parse_input
 from .formats import get_format
 from .inits import parse_init
+from .keywords import strict_keywords, unknown_keyword
 
 __all__ = ["Case", "Matrix", "SpecError", "split_list", "NORMS", "MODES", "BACKENDS", "DEFAULTS",
            "parse_device", "default_devices", "default_modes", "axis_choices"]
@@ -30,41 +32,12 @@ class SpecError(ValueError):
     """Bad user input: the message is one line naming the value and the valid choices."""
 
 
-class _StrictKeywords:
-    """``Case(widht=64)`` is a TypeError naming the valid fields (the dataclass's own names none)."""
-
-    def __new__(cls, *args, **kwargs):
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            raise TypeError(f"{cls.__name__}() got an unknown keyword {unknown[0]!r}; valid: {', '.join(valid)}")
-        return super().__new__(cls)
-
-
 _INT_RANGES = {"depth": (1, 100_000), "width": (1, 65_536), "batch": (1, 1_048_576), "seed": (0, 2**32 - 1)}
 
-DEFAULTS = dict(
-    # xavier_normal is lecun_normal for square layers: the default keeps one of the two
-    inits=["normal", "lecun_normal", "kaiming_normal", "torch_default", "orthogonal",
-           "kaiming_normal(gain=1.2)", "lecun_normal(gain=0.5)"],
-    activations=["identity", "relu", "gelu", "tanh", "silu"],
-    formats=["fp32", "fp16", "bf16"],
-    backends=["torch"],
-    norms=["none"],
-    inputs=["normal"],
-    depth=[100],
-    width=[128],
-    batch=[64],
-    seed=[0],
-    residual=None,
-    bias=False,
-    underflow_threshold=0.01,
-    loss_scale=1.0,
-)
 
-
+@strict_keywords  # Case(widht=64) names the valid fields
 @dataclass(frozen=True)
-class Case(_StrictKeywords):
+class Case:
     """One chain ``x_l = act(norm(x_{l-1} @ W_l.T + b_l)) [+ residual]`` in one format/device/mode."""
 
     init: str = "kaiming_normal"
@@ -187,7 +160,8 @@ def _cuda_available() -> bool:
 
 
 def default_devices() -> list[str]:
-    return ["cpu", "cuda"] if _cuda_available() else ["cpu"]
+    """The default devices (``defaults.DEVICES``) present on this machine."""
+    return [d for d in DEVICES if d != "cuda" or _cuda_available()]
 
 
 def default_modes(devices) -> list[str]:
@@ -225,15 +199,17 @@ def _parse(value: str, parser):
         raise SpecError(str(e)) from None
 
 
+@strict_keywords
 @dataclass(frozen=True)
-class Matrix(_StrictKeywords):
-    """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names."""
+class Matrix:
+    """Axes of a run; ``cases()`` is their cross product. Every field holds canonical names;
+    ``modes`` None gives each device its own default modes (``default_modes``: native on a GPU)."""
 
     inits: tuple = tuple(DEFAULTS["inits"])
     activations: tuple = tuple(DEFAULTS["activations"])
     formats: tuple = tuple(DEFAULTS["formats"])
-    devices: tuple = ("cpu",)
-    modes: tuple = ("emulated",)
+    devices: tuple | None = None  # None: this machine's default_devices(), as from_options and the CLI
+    modes: tuple | None = None  # None: each device's default_modes([device])
     backends: tuple = tuple(DEFAULTS["backends"])
     norms: tuple = tuple(DEFAULTS["norms"])
     inputs: tuple = tuple(DEFAULTS["inputs"])
@@ -246,13 +222,18 @@ class Matrix(_StrictKeywords):
     underflow_threshold: float = DEFAULTS["underflow_threshold"]
     loss_scale: float = DEFAULTS["loss_scale"]
 
+    def __post_init__(self):
+        if self.devices is None:
+            object.__setattr__(self, "devices", tuple(default_devices()))
+
     @classmethod
     def from_options(cls, **opts) -> "Matrix":
         """Build from raw option values (comma strings or lists); unset (None) options take defaults.
         An unknown option is a TypeError naming the valid ones (``depht=5`` must not run depth 100)."""
-        unknown = sorted(set(opts) - {f.name for f in dataclasses.fields(cls)})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(opts) - set(valid))
         if unknown:
-            raise TypeError(f"unknown matrix option {unknown[0]!r}; valid: {', '.join(f.name for f in dataclasses.fields(cls))}")
+            raise unknown_keyword("Matrix.from_options", unknown[0], valid)
 
         def items(key):
             raw = opts.get(key)
@@ -277,8 +258,7 @@ class Matrix(_StrictKeywords):
         devices = items("devices")
         kw["devices"] = tuple(dict.fromkeys(parse_device(x) for x in devices)) if devices else tuple(default_devices())
         modes = items("modes")
-        kw["modes"] = (tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes
-                       else tuple(default_modes(kw["devices"])))
+        kw["modes"] = tuple(dict.fromkeys(_choice("mode", x, MODES) for x in modes)) if modes else None
         if (v := items("backends")) is not None:
             kw["backends"] = tuple(dict.fromkeys(_choice("backend", x, BACKENDS) for x in v))
         if (v := items("norms")) is not None:
@@ -303,9 +283,12 @@ class Matrix(_StrictKeywords):
 
     def cases(self) -> list[Case]:
         out = []
-        for (act, init, fmt, dev, mode, backend, norm, inp, depth, width, batch, seed) in itertools.product(
-                self.activations, self.inits, self.formats, self.devices, self.modes, self.backends,
-                self.norms, self.inputs, self.depth, self.width, self.batch, self.seed):
+        for (act, init, fmt, dev, mode, backend, norm, inp, depth, width, batch, seed) in (
+                (*head, mode, *tail)
+                for head in itertools.product(self.activations, self.inits, self.formats, self.devices)
+                for mode in (self.modes or default_modes([head[3]]))
+                for tail in itertools.product(self.backends, self.norms, self.inputs, self.depth, self.width,
+                                              self.batch, self.seed)):
             out.append(Case(init=init, activation=act, format=fmt, device=dev, mode=mode, backend=backend,
                             width=width, depth=depth, batch=batch, seed=seed, input=inp, norm=norm,
                             residual=self.residual, bias=self.bias,

@@ -5,15 +5,19 @@ nothing written: the working directory is exactly as it was."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from precision_suite import Case, Matrix, SpecError, load_results, merge_results, run_case, run_matrix
+import precision_suite
+from precision_suite import (Case, CaseResult, Matrix, Results, SpecError, get_format, load_results, merge_results,
+                             probe, run_case, run_matrix, watch)
 from precision_suite.cli import main
-from precision_suite.compare import CompareError, compare
+from precision_suite.compare import CompareError, Tolerances, compare
 from precision_suite.config import ConfigError
+from precision_suite.report import render_report, write_report
 from precision_suite.results import ResultsError
 
 TINY = ["--inits", "normal", "--activations", "relu", "--formats", "fp16", "--depth", "3", "--width", "8",
@@ -82,6 +86,10 @@ CLI = [
     ("memory", {}, ["run", "--width", "8192", "--depth", "100000"], "GiB available"),
     ("baseline", {}, ["run", *TINY, "--baseline", "missing.json"], "results file not found: missing.json"),
     ("config-missing", {}, ["run", "--config", "missing.toml"], "--config: file not found: missing.toml"),
+    ("json-folder", {"folder.json": None}, ["run", *TINY, "--json", "folder.json"],
+     "--json folder.json: folder.json is a directory; give a file path"),
+    ("out-file", {"out": "a file"}, ["run", *TINY, "--out", "out"], "--json out/results.json: out is not a directory"),
+    ("html-folder", {"folder.json": None}, ["run", *TINY, "--html", "folder.json"], "--html folder.json: folder.json is"),
     # config: the file and pyproject.toml's section
     ("pyproject-toml", {"pyproject.toml": "[tool.precision-suite\ndepth = 3\n"}, ["run"],
      "pyproject.toml: invalid TOML: Expected ']' at the end of a table declaration"),
@@ -123,6 +131,8 @@ CLI = [
     ("report-spec", {"spec.json": None}, ["report", "spec.json"], "unknown format 'fp12'"),
     ("report-nocases", {"nocases.json": None}, ["report", "nocases.json"], "must contain"),
     ("report-folder", {"folder.json": None}, ["report", "folder.json"], "cannot read results file folder.json"),
+    ("report-output", {"good.json": None, "folder.json": None}, ["report", "good.json", "-o", "folder.json"],
+     "--output folder.json: folder.json is a directory"),
     ("report-baseline", {"good.json": None}, ["report", "good.json", "-o", "r.html", "--baseline", "status.json"],
      "results file not found: status.json"),
     ("compare-one", {"good.json": None}, ["compare", "good.json"], "compare needs BASELINE.json and CURRENT.json"),
@@ -135,6 +145,10 @@ CLI = [
     ("compare-newer", {"good.json": None, "newer.json": None}, ["compare", "good.json", "newer.json", "--json", "d.json"],
      "schema_version 99"),
     ("merge-output", {"good.json": None}, ["merge", "good.json"], "the following arguments are required: -o/--output"),
+    ("merge-output-file", {"good.json": None, "x": "a file"}, ["merge", "good.json", "-o", "x/m.json"],
+     "--output x/m.json: x is not a directory"),
+    ("compare-json-folder", {"good.json": None, "folder.json": None},
+     ["compare", "good.json", "good.json", "--json", "folder.json"], "--json folder.json: folder.json is a directory"),
     ("merge-truncated", {"good.json": None, "truncated.json": None}, ["merge", "good.json", "truncated.json", "-o", "m.json"],
      "truncated.json is not valid JSON"),
     # the small commands
@@ -145,6 +159,7 @@ CLI = [
     ("command", {}, ["runn"], "invalid choice: 'runn'"),
     # probe
     ("probe-form", {}, ["probe", "justaname"], "factory 'justaname' must be package.module:function"),
+    ("probe-html", {"folder.json": None}, ["probe", "os:getcwd", "--html", "folder.json"], "--html folder.json: folder.json"),
     ("probe-module", {}, ["probe", "nosuchmod:make"], "cannot import 'nosuchmod' for factory 'nosuchmod:make'"),
     ("probe-returns", {}, ["probe", "os:getcwd"], "factory 'os:getcwd' returned str; it must return a torch.nn.Module"),
 ]
@@ -171,26 +186,62 @@ def test_cli_bad_input(files, tmp_path, monkeypatch, capsys, given, argv, needle
 
 # (id, the call, the exception type, what its one line must say)
 API = [
-    ("run_matrix-keyword", lambda: run_matrix(depht=5), TypeError, "unknown matrix option 'depht'; valid: inits,"),
-    ("run_matrix-width", lambda: run_matrix(widht=64), TypeError, "unknown matrix option 'widht'"),
+    ("run_matrix-keyword", lambda: run_matrix(depht=5), TypeError,
+     "run_matrix() got an unknown keyword 'depht' (did you mean 'depth'?); valid: matrix, cases, backward,"),
+    ("run_matrix-width", lambda: run_matrix(widht=64), TypeError, "unknown keyword 'widht' (did you mean 'width'?)"),
+    ("run_matrix-own", lambda: run_matrix(json="r.json"), TypeError, "(did you mean 'json_path'?)"),
     ("run_matrix-value", lambda: run_matrix(formats="fp16", underflow_threshold=0), SpecError,
      "--underflow-threshold must be in (0, 1], got 0.0"),
     ("run_matrix-empty", lambda: run_matrix(inits=[]), SpecError, "--inits is an empty list"),
     ("run_matrix-bias", lambda: run_matrix(bias="yes"), SpecError, "--bias must be True or False, got 'yes'"),
+    ("run_matrix-jobs", lambda: run_matrix(inits="normal", jobs=0), SpecError,
+     "run_matrix: jobs must be a positive integer or None, got 0"),
+    ("run_matrix-threads", lambda: run_matrix(inits="normal", threads="2"), SpecError,
+     "run_matrix: threads must be a positive integer or None, got '2'"),
+    ("run_matrix-backward", lambda: run_matrix(inits="normal", backward="no"), SpecError,
+     "run_matrix: backward must be True or False, got 'no'"),
+    ("run_matrix-json_path", lambda: run_matrix(inits="normal", json_path=3), SpecError,
+     "run_matrix: json_path must be a str or os.PathLike, got int"),
     ("run_matrix-ignored", lambda: run_matrix(cases=[Case(depth=2)], depth=[5]), TypeError,
      "axes (depth) go with neither matrix= nor cases="),
-    ("run_case-keyword", lambda: run_case(widht=64), TypeError, "Case() got an unknown keyword 'widht'; valid: init,"),
+    ("run_case-keyword", lambda: run_case(widht=64), TypeError,
+     "run_case() got an unknown keyword 'widht' (did you mean 'width'?); valid: case, backward, rel_error, init,"),
+    ("run_case-own", lambda: run_case(backwards=False), TypeError, "'backwards' (did you mean 'backward'?)"),
     ("run_case-depth", lambda: run_case(depth=0), SpecError, "--depth must be between 1 and 100000, got 0"),
     ("Case-format", lambda: Case(format="fp12"), SpecError, "unknown format 'fp12'"),
     ("Case-width", lambda: Case(width=2.5), SpecError, "--width must be an integer between 1 and 65536, got 2.5"),
     ("Case-threshold", lambda: Case(underflow_threshold=1.5), SpecError, "--underflow-threshold must be in (0, 1]"),
-    ("Matrix-keyword", lambda: Matrix(depht=3), TypeError, "Matrix() got an unknown keyword 'depht'; valid: inits,"),
+    ("Case-keyword", lambda: Case(activations="relu"), TypeError,
+     "Case() got an unknown keyword 'activations' (did you mean 'activation'?); valid: init, activation,"),
+    ("Matrix-keyword", lambda: Matrix(depht=3), TypeError, "Matrix() got an unknown keyword 'depht' (did you mean"),
     ("Matrix-options", lambda: Matrix.from_options(modes="fast"), SpecError, "unknown mode 'fast'"),
+    ("Matrix-options-keyword", lambda: Matrix.from_options(mode="native"), TypeError,
+     "Matrix.from_options() got an unknown keyword 'mode' (did you mean 'modes'?)"),
     ("load_results-fd", lambda: load_results(3), TypeError, "path must be a str or os.PathLike, got int"),
     ("load_results-missing", lambda: load_results("missing.json"), ResultsError, "results file not found"),
+    ("load_results-keyword", lambda: load_results(pth="good.json"), TypeError,
+     "load_results() got an unknown keyword 'pth' (did you mean 'path'?); valid: path"),
     ("merge_results-path", lambda: merge_results("good.json"), TypeError, "parts must be a list of Results"),
+    ("merge_results-keyword", lambda: merge_results([load_results("good.json")], allow_mixd=True), TypeError,
+     "merge_results() got an unknown keyword 'allow_mixd' (did you mean 'allow_mixed'?); valid: parts, allow_mixed"),
     ("compare-across", lambda: compare(load_results("good.json"), load_results("good.json"), across="colour"),
      CompareError, "unknown axis 'colour'"),
+    ("compare-keyword", lambda: compare(load_results("good.json"), load_results("good.json"), layers=1), TypeError,
+     "compare() got an unknown keyword 'layers'; valid: baseline, current, tolerances, across, values, strict_stats"),
+    ("Tolerances-keyword", lambda: Tolerances(bit=0.5), TypeError, "Tolerances() got an unknown keyword 'bit' (did you"),
+    ("render_report-keyword", lambda: render_report(load_results("good.json"), baselin=None), TypeError,
+     "render_report() got an unknown keyword 'baselin' (did you mean 'baseline'?); valid: results, baseline"),
+    ("write_report-keyword", lambda: write_report(load_results("good.json"), path="r.html", out="x"), TypeError,
+     "write_report() got an unknown keyword 'out'; valid: results, path, baseline"),
+    ("get_format-keyword", lambda: get_format(format="fp16"), TypeError, "get_format() got an unknown keyword 'format'"),
+    ("Results-keyword", lambda: Results((), environment={}), TypeError,
+     "Results() got an unknown keyword 'environment' (did you mean 'environments'?); valid: cases,"),
+    ("CaseResult-keyword", lambda: CaseResult(Case(), stauts="ok"), TypeError,
+     "CaseResult() got an unknown keyword 'stauts' (did you mean 'status'?)"),
+    ("probe-keyword", lambda: probe(None, None, format="fp16"), TypeError,
+     "probe() got an unknown keyword 'format' (did you mean 'formats'?); valid: model, example_inputs, formats,"),
+    ("watch-keyword", lambda: watch(None, formats="bf16"), TypeError,
+     "watch() got an unknown keyword 'formats' (did you mean 'format'?); valid: model, format, mode, device,"),
 ]
 @pytest.mark.parametrize("call,error,needle", [pytest.param(*c[1:], id=c[0]) for c in API])
 def test_api_bad_input(files, tmp_path, monkeypatch, call, error, needle):
@@ -201,6 +252,19 @@ def test_api_bad_input(files, tmp_path, monkeypatch, call, error, needle):
         call()
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert _snapshot(tmp_path) == before
+
+
+def test_every_public_callable_names_its_valid_keywords():
+    """Everything ``precision_suite`` exports that takes keywords refuses one it does not take, in
+    the table's words, before it runs (Python's own TypeError names no valid choice)."""
+    callables = [name for name in precision_suite.__all__ if callable(getattr(precision_suite, name))
+                 and not (isinstance(getattr(precision_suite, name), type)
+                          and issubclass(getattr(precision_suite, name), Exception))]
+    assert len(callables) >= 12
+    for name in callables:
+        with pytest.raises(TypeError) as e:
+            getattr(precision_suite, name)(not_a_keyword=1)
+        assert re.fullmatch(r"\w+\(\) got an unknown keyword 'not_a_keyword'; valid: \w+(, \w+)*", str(e.value)), name
 
 
 def test_the_table_covers_every_command_and_is_large():
@@ -219,3 +283,18 @@ def test_config_errors_are_the_one_config_type(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.precision-suite]\nbatchh = 2\n")
     with pytest.raises(ConfigError, match="unknown option 'batchh' \\(did you mean 'batch'\\?\\)"):
         load_config(None, run_options(_subcommand("run")._actions), cwd=tmp_path)
+
+
+def test_a_catch_all_must_say_where_its_keywords_go():
+    """``strict_keywords`` cannot check a ``**kwargs`` it knows nothing of: it refuses to guess."""
+    from precision_suite.keywords import strict_keywords
+
+    def takes_anything(**options):
+        return options
+
+    with pytest.raises(TypeError, match="strict_keywords: takes_anything takes \\*\\*kwargs; say where they go"):
+        strict_keywords(takes_anything)
+    forwarded = strict_keywords(takes_anything, forwards_to=Case)
+    assert forwarded(width=3) == {"width": 3}
+    with pytest.raises(TypeError, match="takes_anything\\(\\) got an unknown keyword 'widht' \\(did you mean 'width'"):
+        forwarded(widht=3)

@@ -161,6 +161,6 @@ def test_version(capsys):
 def test_a_misspelled_matrix_option_is_refused_not_ignored():
     from precision_suite import Case, run_matrix
 
-    with pytest.raises(TypeError, match="unknown matrix option 'depht'; valid: inits, .*depth"):
+    with pytest.raises(TypeError, match="unknown keyword 'depht' \\(did you mean 'depth'\\?\\); valid: .*depth"):
         run_matrix(depht=5)
     assert Case().width == 128  # one default per axis: run_case ids match a CLI run's

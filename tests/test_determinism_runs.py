@@ -20,20 +20,20 @@ from precision_suite.journal import KILL_ENV, timeless
 ARGS = ["run", "--inits", "normal,kaiming_normal", "--activations", "relu,tanh", "--formats", "fp16,bf16",
         "--backends", "torch,numpy", "--depth", "12", "--width", "64", "--batch", "16", "-q"]
 TAGS = "PRECISION_SUITE_TEST_UNIT_TAGS"  # a directory: each process that runs a unit leaves a file named by its pid
-WAIT_FOR_WORKER = 120.0  # seconds this process waits, at most, for a worker (importing torch first) to take a unit
+WORKER_WAIT = 120.0  # seconds this process waits at most, in a unit, for a worker (importing torch first) to take one
 _run_unit = runner._run_unit  # the real one, as every process imports it
 
 
 def _tagged_unit(unit, **kwargs):
-    """``runner._run_unit``, leaving the running process's pid behind. This process waits until a
-    worker has taken a unit (a fixed pause lost the race on a loaded machine)."""
-    tags = os.environ[TAGS]
-    if multiprocessing.parent_process() is None:
-        deadline = time.monotonic() + WAIT_FOR_WORKER
-        while not set(os.listdir(tags)) - {str(os.getpid())} and time.monotonic() < deadline:
-            time.sleep(0.05)
-    with open(os.path.join(tags, str(os.getpid())), "a") as f:
+    """``runner._run_unit``, leaving the running process's pid behind; this process waits until a
+    worker has taken a unit too (a fixed delay was outrun by a worker's start on a busy machine)."""
+    tags, me = os.environ[TAGS], str(os.getpid())
+    with open(os.path.join(tags, me), "a") as f:
         f.write(f"{unit[0].id}\n")
+    deadline = time.monotonic() + WORKER_WAIT
+    while (multiprocessing.parent_process() is None and time.monotonic() < deadline
+           and not set(os.listdir(tags)) - {me}):
+        time.sleep(0.05)
     return _run_unit(unit, **kwargs)
 
 

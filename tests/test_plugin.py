@@ -1,22 +1,20 @@
 """The pytest plugin end to end: generated test files run with pytester, as a user would run them."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from precision_suite import load_results, run_matrix
+from precision_suite.journal import timeless
 
 pytest_plugins = ["pytester"]
 
 TINY = "depth=12, width=16, batch=8"  # a few ms per case
 ON_GPU = torch.cuda.is_available()
-TENSORS = ("input", "pre", "post", "grad", "grad_pre", "wgrad")  # per-layer statistics in the JSON
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,10 +189,34 @@ def test_baseline_flags_a_moved_layer(chain_tests):
     (["--precision-devices", "tpu"], "--precision-devices: unknown device 'tpu'; valid: cpu, cuda, cuda:N, mps"),
     (["--precision-fail-on", "overflw"], "--precision-fail-on: unknown event 'overflw'; valid: overflow, nan, *"),
     (["--precision-baseline", "missing.json"], "--precision-baseline: results file not found: missing.json"),
-], ids=["formats", "devices", "fail-on", "baseline"])
+    (["--precision-json", "."], "--precision-json: . is a directory; give a file path"),
+    (["--precision-report", "test_bad_option_is_a_usage_error_at_configure_time.py/r.html"],
+     "--precision-report: test_bad_option_is_a_usage_error_at_configure_time.py is not a directory"),
+], ids=["formats", "devices", "fail-on", "baseline", "json-folder", "report-in-a-file"])
 def test_bad_option_is_a_usage_error_at_configure_time(pytester, args, message):
     pytester.makepyfile("def test_never_runs(): raise AssertionError")
     result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: {message}"])
+
+
+@pytest.mark.parametrize("ini, message", [
+    ("[pytest]\nprecision_formats = fp16,fp17\n",
+     "precision_formats in tox.ini: unknown format 'fp17'; valid: fp64, fp32, fp16, bf16, *"),
+    ("[pytest]\nprecision_fromats = fp16\n",
+     "tox.ini: unknown ini key 'precision_fromats' (did you mean 'precision_formats'?); valid: precision_json, *"),
+    ("[tool.pytest.ini_options]\nprecision-json = 'r.json'\n",
+     "pyproject.toml: unknown ini key 'precision-json' (did you mean 'precision_json'?); valid: *"),
+], ids=["value", "key", "pyproject-key"])
+def test_bad_ini_setting_is_a_usage_error_naming_the_file(pytester, ini, message):
+    """An ini value is checked as its option is, and named as the ini key; a misspelled key, which
+    pytest only warns about (the setting would silently not apply), stops the run too."""
+    pytester.makepyfile("def test_never_runs(): raise AssertionError")
+    if ini.startswith("[tool."):
+        pytester.makepyprojecttoml(ini)
+    else:
+        pytester.makeini(ini)
+    result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: {message}"])
 
@@ -220,18 +242,15 @@ def test_chain(precision_case):
     result.stdout.fnmatch_lines([f"*{message}"])
 
 
-def _same_cases(a: dict, b: dict):
-    assert [c["id"] for c in a["cases"]] == [c["id"] for c in b["cases"]]
-    for x, y in zip(a["cases"], b["cases"]):
-        for direction in ("forward", "backward"):
-            fx, fy = x[direction], y[direction]
-            for key, value in fx.items():
-                if key in TENSORS:
-                    for stat, column in value.items():
-                        np.testing.assert_allclose(np.asarray(column, dtype=float), np.asarray(fy[key][stat], dtype=float),
-                                                   rtol=1e-6, atol=0, err_msg=f"{x['id']} {direction} {key} {stat}")
-                else:
-                    assert value == fy[key], (x["id"], direction, key)
+def test_precision_case_names_its_valid_keywords(pytester):
+    pytester.makepyfile(f"""
+        def test_misspelled(precision_case):
+            precision_case(init="normal", widht=16, {TINY.replace("width=16, ", "")})
+    """)
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E       TypeError: precision_case() got an unknown keyword 'widht' (did you mean "
+                                 "'width'?); valid: backward, init, activation, *"])
 
 
 def test_xdist_workers_results_reach_one_json(pytester):
@@ -250,9 +269,7 @@ def test_xdist_workers_results_reach_one_json(pytester):
     assert sorted(p.name for p in pytester.path.iterdir() if p.suffix in (".json", ".html")) == [
         "p.html", "parallel.json", "serial.json"]
     a, b = (json.loads((pytester.path / name).read_text()) for name in ("serial.json", "parallel.json"))
-    _same_cases(a, b)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert b["environments"][0]["torch_threads"] == max(1, cores // 2)
+    assert timeless(a) == timeless(b)  # bit for bit (tests/test_determinism_pytest.py: the shipped matrix)
 
 
 def test_xdist_workers_keep_their_own_environments(pytester):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import http.server
 import io
 import json
 import math
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from html.parser import HTMLParser
@@ -662,10 +664,96 @@ def test_merged_cpu_and_cuda_shards_show_both_machines(results):
     assert "<dt>ran on</dt><dd>[1] NVIDIA H200 (test shard) · torch" in section
 
 
+# sources a CSP directive may list without allowing a network load: nothing, the page's own inline
+# scripts and styles, data: URLs. A scheme (https:), a host, *, 'self' (the file's own directory) may load.
+_OFFLINE_SOURCES = {"'none'", "'unsafe-inline'", "data:"}
+
+
+def _policy(page: str) -> dict[str, list[str]]:
+    """The page's one Content-Security-Policy, {directive: [sources]}; it must come before any
+    script or style (a meta policy governs only what follows it)."""
+    metas = re.findall(r'<meta http-equiv="Content-Security-Policy" content="([^"]*)">', page)
+    assert len(metas) == 1, f"{len(metas)} CSP meta tags"
+    at = page.index("Content-Security-Policy")
+    assert at < page.index("<script") and at < page.index("<style") and at < page.index("</head>")
+    directives = [d.split() for d in metas[0].split(";") if d.strip()]
+    return {d[0].lower(): d[1:] for d in directives}
+
+
 def test_page_forbids_every_network_load(results):
-    page = render_report(results)
-    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page)
-    assert csp and "default-src 'none'" in csp.group(1) and "connect-src 'none'" in csp.group(1)
+    page = render_report(_with_theory(results))
+    policy = _policy(page)
+    assert policy["default-src"] == ["'none'"]  # whatever no directive names is refused
+    assert policy.get("connect-src", ["'none'"]) == ["'none'"]  # fetch, XHR, WebSocket, beacons
+    for directive, sources in policy.items():
+        assert set(sources) <= _OFFLINE_SOURCES, f"{directive} allows {set(sources) - _OFFLINE_SOURCES}"
+    assert not {"report-uri", "report-to"} & set(policy)  # a violation report is itself a request
+    assert not re.search(r"""\b(src|href|action|srcset|poster|data)\s*=\s*['"]?\s*(https?:|//|ftp:|wss?:)""", page, re.I)
+
+
+class _Counting(http.server.BaseHTTPRequestHandler):
+    """A local server that counts what reaches it: a request the browser sent is a network load."""
+
+    hits: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - the http.server protocol
+        _Counting.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.end_headers()
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+# every kind of load a page can start from script, each at the local server
+_ATTEMPTS = """(async () => {
+    const seen = [];
+    document.addEventListener('securitypolicyviolation', e => seen.push(e.violatedDirective));
+    const url = '%s';
+    const attempts = [
+        fetch(url + 'fetch').catch(() => null),
+        new Promise(r => { const x = new XMLHttpRequest(); x.onloadend = r; x.open('GET', url + 'xhr'); x.send(); }),
+        new Promise(r => { const i = new Image(); i.onload = i.onerror = r; i.src = url + 'img'; }),
+        new Promise(r => { const s = document.createElement('script'); s.onload = s.onerror = r;
+                           s.src = url + 'script'; document.head.appendChild(s); }),
+        new Promise(r => { const l = document.createElement('link'); l.rel = 'stylesheet'; l.onload = l.onerror = r;
+                           l.href = url + 'style'; document.head.appendChild(l); }),
+    ];
+    const frame = document.createElement('iframe'); frame.src = url + 'frame'; document.body.appendChild(frame);
+    navigator.sendBeacon(url + 'beacon', 'x');
+    await Promise.all(attempts);
+    await new Promise(r => setTimeout(r, 500));
+    return seen;
+})()"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+def test_chromium_runs_the_page_and_refuses_its_network_loads(results, tmp_path):
+    """The page renders in headless Chromium with its scripts running under its own policy, and
+    every load a script then tries (fetch, XHR, image, script, stylesheet, frame, beacon) is refused
+    by the browser: a violation is reported for it and nothing reaches a server listening for it."""
+    path = write_report(_with_theory(results), tmp_path / "report.html")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Counting.hits = []
+    browser = Chromium(CHROMIUM)
+    try:
+        browser.open(f"file://{path}")
+        deadline = time.monotonic() + 30
+        while browser.evaluate("window.precisionReport ? window.precisionReport.chartsDrawn() : -1") < 1:
+            assert time.monotonic() < deadline, "no chart was drawn: the page's scripts did not run"
+            time.sleep(0.02)
+        assert browser.problems() == []
+        assert browser.evaluate("document.getElementById('script-error').hidden") is True
+        violated = browser.evaluate(_ATTEMPTS % f"http://127.0.0.1:{server.server_address[1]}/")
+    finally:
+        browser.close()
+        server.shutdown()
+    assert _Counting.hits == [], f"requests reached the server: {_Counting.hits}"
+    assert {"connect-src", "img-src", "script-src-elem", "style-src-elem", "frame-src"} <= set(violated), violated
 
 
 # ---------------------------------------------------------------- probe cases

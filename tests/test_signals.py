@@ -7,6 +7,7 @@ checked with ``os.kill(pid, 0)`` after it ended."""
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -110,7 +111,9 @@ def test_a_signal_stops_the_run_leaves_no_worker_and_says_how_to_resume(tmp_path
     want = {c["id"]: c for c in timeless(uninterrupted)["cases"]}
     for case in timeless(kept.to_dict())["cases"]:
         assert case == want[case["id"]], case["id"]
-    assert (tmp_path / "report.html").exists(), "no report of the finished cases"
+    report = (tmp_path / "report.html").read_text(encoding="utf-8")  # the report of exactly the finished cases
+    assert set(re.findall(r'<details id="[^"]*" class="case [^"]*" data-id="([^"]+)"', report)) == {
+        c.id for c in kept.cases}
     assert f"saved in {tmp_path / 'results.json'}" in rest
     command = rest.split("resume with:\n", 1)[1].strip()
     words = shlex.split(command)

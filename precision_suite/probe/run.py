@@ -25,6 +25,7 @@ import numpy as _np
 import torch
 
 from ..formats import get_format, round_to_format
+from ..keywords import strict_keywords
 from ..loss_scale import loss_scale_advice
 from ..results import BackwardResult, CaseResult, ForwardResult, Results
 from .case import PROBE_MODES, ProbeCase, ProbeError
@@ -231,6 +232,7 @@ def _mode(mode: str, fmt) -> str:
     return m
 
 
+@strict_keywords(forwards_to=Watch)
 def watch(model, format: str = "fp16", mode: str = "autocast", **options) -> Watch:
     """Watch one training step: forward, the user's loss and backward run inside the block."""
     return Watch(model, format, mode, **options)
@@ -280,6 +282,7 @@ def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
             loss.backward()
 
 
+@strict_keywords
 def probe(model, example_inputs, formats=("fp16", "bf16"), modes=("emulated", "autocast"), *, backward: bool = True,
           loss_fn=None, device: str = "cpu", seed: int = 0, underflow_threshold: float = 0.01,
           loss_scale: float = 1.0, model_name: str | None = None) -> Results:

@@ -7,6 +7,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..keywords import strict_keywords
 from ..results import Results, write_text_atomic
 from .data import report_data
 
@@ -44,6 +45,7 @@ def _assets() -> dict:
     return out
 
 
+@strict_keywords
 def render_report(results: Results, baseline: Results | None = None) -> str:
     """The report page for ``results`` as one HTML string; with ``baseline``, a diff section too."""
     data = report_data(results, baseline)
@@ -51,6 +53,7 @@ def render_report(results: Results, baseline: Results | None = None) -> str:
     return template.render(view=data["view"], charts=data["charts"], assets=_assets(), uplot_version=UPLOT_VERSION)
 
 
+@strict_keywords
 def write_report(results: Results, path: str | os.PathLike, baseline: Results | None = None) -> Path:
     """Render and write atomically (temp file + rename): a reader never sees half a report."""
     path = write_text_atomic(path, render_report(results, baseline))
