@@ -262,17 +262,31 @@ def _abs_phi_grid(act_name: str) -> tuple[_np.ndarray, _np.ndarray]:
 
 @functools.lru_cache(maxsize=4096)
 def _level_set(act_name: str, t: float) -> tuple:
-    """The intervals of z where |phi(z)| > t, as ((a, b), ...) with infinite ends allowed.
+    """The intervals of z where |phi(z)| > t, as ((a, b), ...) with infinite ends allowed."""
+    return _level_sets(act_name, [t])[0]
 
-    Crossings of |phi(z)| = t are bracketed on ``_abs_phi_grid``, then bisected to adjacent floats."""
+
+_LEVEL_SETS_AT_ONCE = 64  # thresholds whose grid comparisons are held together (64 x ~10k booleans)
+
+
+def _level_sets(act_name: str, ts) -> list[tuple]:
+    """``_level_set`` for each threshold of ``ts``: the crossings of |phi(z)| = t are bracketed on
+    ``_abs_phi_grid``, then bisected to adjacent floats, every threshold's brackets in one bisection."""
     phi = get_activation(act_name).numpy_fn
     grid, abs_phi = _abs_phi_grid(act_name)
-    above = abs_phi > t
-    flips = _np.flatnonzero(above[1:] != above[:-1])
-    edges = _bisect(lambda z: _np.abs(phi(z)) > t, grid[flips], grid[flips + 1]).tolist()
-    bounds = [-math.inf, *edges, math.inf]
-    inside = [bool(above[0])] + [bool(above[i + 1]) for i in flips]
-    return tuple((a, b) for a, b, keep in zip(bounds[:-1], bounds[1:], inside) if keep)
+    out = []
+    for start in range(0, len(ts), _LEVEL_SETS_AT_ONCE):
+        t = _np.asarray(ts[start:start + _LEVEL_SETS_AT_ONCE], dtype=_np.float64)
+        above = abs_phi[None, :] > t[:, None]
+        rows, flips = _np.nonzero(above[:, 1:] != above[:, :-1])
+        t_of = t[rows]
+        edges = _bisect(lambda z: _np.abs(phi(z)) > t_of, grid[flips], grid[flips + 1])
+        for k in range(len(t)):
+            mine = rows == k
+            bounds = [-math.inf, *edges[mine].tolist(), math.inf]
+            inside = [bool(above[k, 0])] + above[k, flips[mine] + 1].tolist()
+            out.append(tuple((a, b) for a, b, keep in zip(bounds[:-1], bounds[1:], inside) if keep))
+    return out
 
 
 def _bisect(test, lo: _np.ndarray, hi: _np.ndarray) -> _np.ndarray:
@@ -316,9 +330,9 @@ def _post(act: Activation, var, fmt: Format, floor):
     sigma = _np.sqrt(var)
     nonzero = _mass(_level_set(act.name, fmt.underflow_threshold), sigma)
     under = _np.zeros_like(sigma)
-    for i in _np.flatnonzero(_np.ravel(floor) < fmt.underflow_threshold):  # else nothing flushed counts
-        above_floor = _mass(_level_set(act.name, float(_np.ravel(floor)[i])), sigma[i])
-        under[i] = _np.maximum(above_floor - nonzero[i], 0.0)
+    rows = _np.flatnonzero(_np.ravel(floor) < fmt.underflow_threshold)  # else nothing flushed counts
+    for i, level_set in zip(rows, _level_sets(act.name, _np.ravel(floor)[rows])):
+        under[i] = _np.maximum(_mass(level_set, sigma[i]) - nonzero[i], 0.0)
     return _mass(_level_set(act.name, fmt.overflow_threshold), sigma), under, nonzero
 
 
@@ -331,14 +345,15 @@ def _delta(act: Activation, q, grad2, fmt: Format):
     if act.name == "relu":
         live = _np.where(q > 0, grad2, 0.0)
         return tuple(0.5 * p for p in _gaussian(live, fmt, fmt.eps * _np.sqrt(live / 2)))
-    out = _np.zeros((3, len(q)))
-    for i, (qi, g2) in enumerate(zip(q, grad2)):
-        z, w = _nodes(qi)
-        var = g2 * act.numpy_grad(z) ** 2
-        with _np.errstate(over="ignore", invalid="ignore"):
-            floor = fmt.eps * math.sqrt(float(var @ w))
-        out[:, i] = [p @ w for p in _gaussian(var, fmt, floor)]
-    return tuple(out)
+    # every layer's quadrature nodes end to end, layer i's from starts[i]: one array pass each
+    nodes = [_nodes(qi) for qi in q]
+    z, w = _np.concatenate([n[0] for n in nodes]), _np.concatenate([n[1] for n in nodes])
+    counts = _np.array([len(n[0]) for n in nodes])
+    starts = _np.concatenate([[0], _np.cumsum(counts)[:-1]])
+    with _np.errstate(over="ignore", invalid="ignore"):
+        var = _np.repeat(_np.asarray(grad2, dtype=_np.float64), counts) * act.numpy_grad(z) ** 2
+        floor = fmt.eps * _np.sqrt(_np.add.reduceat(var * w, starts))
+        return tuple(_np.add.reduceat(p * w, starts) for p in _gaussian(var, fmt, _np.repeat(floor, counts)))
 
 
 def _masks(classes, weights, per_row: int, rows: int, threshold: float):
