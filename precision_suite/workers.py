@@ -23,6 +23,7 @@ outlive a SIGKILLed parent: ProcessPoolExecutor's were still alive 12 minutes la
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -33,9 +34,12 @@ import threading
 from collections import deque
 from typing import Callable, Sequence
 
-__all__ = ["usable_cores", "run_units"]
+__all__ = ["usable_cores", "run_units", "prestarted"]
 
 POLL_SECONDS = 0.2  # how often the dispatcher checks that busy workers are still alive
+# what a unit imports (torch ~1 s, the engine, the theory's scipy): a worker started ahead loads them
+# while its parent is still starting up
+_WARM_MODULES = ("torch", "precision_suite.runner", "precision_suite.engine.torch_emulated", "precision_suite.theory")
 
 
 def usable_cores() -> int:
@@ -78,6 +82,61 @@ def run_units(units: Sequence, run_unit: Callable, *, jobs: int, on_done: Callab
         pool.stop()
 
 
+class _Spares:
+    """Workers spawned ahead of the run (``prestart``), waiting for their code; ``run_units``
+    adopts them. Their one result queue is shared with any worker spawned later beside them."""
+
+    def __init__(self):
+        self.results = None
+        self.waiting: list[tuple] = []  # (process, its task queue)
+
+    def spawn(self, count: int) -> None:
+        if count <= 0:
+            return
+        ctx = multiprocessing.get_context("spawn")
+        if self.results is None:
+            self.results = ctx.Queue()
+        for _ in range(count):
+            wid, tasks = len(self.waiting), ctx.SimpleQueue()
+            proc = ctx.Process(target=_worker_main, args=(wid, tasks, self.results, None),
+                               name=f"precision-suite-worker-{wid}", daemon=True)
+            proc.start()
+            self.waiting.append((proc, tasks))
+
+    def take(self, count: int) -> tuple:
+        """(result queue, [(process, task queue)]) of up to ``count`` spares, now adopted with their
+        queue (the adopting pool closes it); spares beyond ``count`` are not needed and end."""
+        taken, self.waiting = self.waiting[:count], self.waiting[count:]
+        results = self.results
+        self.stop()
+        self.results = None
+        return results, taken
+
+    def stop(self) -> None:
+        """Spares no run adopted (a run that stayed in one process): ended at once, mid-import or idle."""
+        for proc, _ in self.waiting:
+            proc.terminate()
+        for proc, _ in self.waiting:
+            proc.join()
+        self.waiting = []
+
+
+_SPARES = _Spares()
+
+
+@contextlib.contextmanager
+def prestarted(count: int):
+    """Spawn ``count`` workers on entry, before this process's own imports, so that their start-up
+    (torch and the engine, ~1.5 s) overlaps this process's; ``run_units`` inside the block adopts
+    them. Spares no run adopted (a run that stayed in one process) are ended on exit; like every
+    worker, they also leave at once if this process dies."""
+    _SPARES.spawn(count)
+    try:
+        yield
+    finally:
+        _SPARES.stop()
+
+
 class _Workers:
     """Spawned processes, each with its own task queue and one shared result queue, and the
     dispatcher thread that feeds them from ``shared`` (which this process also takes from)."""
@@ -85,15 +144,22 @@ class _Workers:
     def __init__(self, count: int, shared: deque, run_unit: Callable, worker_setup: Callable | None):
         ctx = multiprocessing.get_context("spawn")
         self.shared, self.lock = shared, threading.Lock()
-        self.results = ctx.Queue()
-        self.tasks = [ctx.SimpleQueue() for _ in range(count)]
         code = pickle.dumps((run_unit, worker_setup))  # unpickled (importing torch & co.) once the parent is watched
-        self.procs = [ctx.Process(target=_worker_main, args=(wid, self.tasks[wid], self.results, code),
-                                  name=f"precision-suite-worker-{wid}", daemon=True) for wid in range(count)]
+        results, adopted = _SPARES.take(count)
+        self.results = results if adopted else ctx.Queue()
+        self.procs, self.tasks = [p for p, _ in adopted], [t for _, t in adopted]
+        for tasks in self.tasks:
+            tasks.put(code)  # a spare's first message: what to run
+        fresh = []
+        for wid in range(len(adopted), count):
+            self.tasks.append(ctx.SimpleQueue())
+            self.procs.append(ctx.Process(target=_worker_main, args=(wid, self.tasks[wid], self.results, code),
+                                          name=f"precision-suite-worker-{wid}", daemon=True))
+            fresh.append(self.procs[-1])
         self.busy: dict[int, object] = {}  # worker -> its unit
         self.finished: queue.Queue = queue.Queue()  # ("done" | "failed", unit, output or message)
         self.stopping = threading.Event()
-        for p in self.procs:
+        for p in fresh:
             p.start()
         self.dispatcher = threading.Thread(target=self._dispatch, name="precision-suite-dispatcher", daemon=True)
         self.dispatcher.start()
@@ -170,13 +236,20 @@ class _Workers:
         self.results.close()
 
 
-def _worker_main(wid: int, tasks, results, code: bytes) -> None:
+def _worker_main(wid: int, tasks, results, code: bytes | None) -> None:
     """A worker: ask for a unit, run it, send its output back, until told to stop (None).
-    ``code``: the pickled ``(run_unit, worker_setup)``."""
-    import contextlib
+    ``code``: the pickled ``(run_unit, worker_setup)``; None for a spare (``prestart``), which
+    imports what units need and then waits for its code as its first task (None: not needed)."""
+    import importlib
 
     _exit_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's to handle
+    if code is None:
+        for name in _WARM_MODULES:
+            importlib.import_module(name)
+        code = tasks.get()
+        if code is None:
+            return
     run_unit, worker_setup = pickle.loads(code)
     with worker_setup() if worker_setup is not None else contextlib.nullcontext():
         results.put((wid, "ready", None))
