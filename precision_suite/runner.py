@@ -115,9 +115,14 @@ def torch_threads(threads: int | None):
 def estimated_seconds(case: Case, backward: bool) -> float:
     """Rough single-thread CPU seconds of a case: ~20 us of per-op overhead per layer plus ~10 ns
     per element of the layer's activations and weight, 3x with backward (fits the default matrix,
-    8.9 s, and a forward w256 b1024 chain, 3.4 ms a layer, on this machine to ~10%)."""
+    8.9 s, and a forward w256 b1024 chain, 3.4 ms a layer, on this machine to ~10%), 1.3x where
+    float64 arithmetic is involved (fp32's exact values; bf16's activations) and 1.6x for a scaled
+    format's quantizers, so that the costlier units go first and a run ends on cheap ones."""
+    fmt = get_format(case.format)
+    storage = fmt.scaling.storage if fmt.scaling is not None else fmt.name
+    factor = (1.3 if storage in ("fp32", "fp64", "bf16") else 1.0) * (1.6 if fmt.scaling is not None else 1.0)
     elements = case.batch * case.width + case.width * case.width
-    return case.depth * (20e-6 + 10e-9 * elements * (3 if backward else 1))
+    return factor * case.depth * (20e-6 + 10e-9 * elements * (3 if backward else 1))
 
 
 def default_jobs(units: list[list[Case]], backward: bool) -> int:
