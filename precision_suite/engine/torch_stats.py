@@ -287,9 +287,12 @@ def _moments(r, amax: _np.ndarray) -> _np.ndarray:
     import torch
 
     n = r.shape[1]
+    if r.dtype == torch.float64:
+        return _moments_of(r, amax)
+    wide = _squares_out_of_range(amax, r.dtype, n)
+    if not wide.any():  # the common case, without the row bookkeeping (~20 us a call)
+        return _moments_of(r, amax, rescale=wide)
     out = _np.empty((r.shape[0], 3))
-    wide = (_squares_out_of_range(amax, r.dtype, n) if r.dtype != torch.float64
-            else _np.zeros(len(amax), dtype=bool))
     for rows, promote in ((_np.flatnonzero(~wide), False), (_np.flatnonzero(wide), True)):
         if rows.size:
             part = r if rows.size == len(amax) else r[torch.from_numpy(rows).to(r.device)]
@@ -297,28 +300,32 @@ def _moments(r, amax: _np.ndarray) -> _np.ndarray:
     return out
 
 
-def _moments_of(r, amax: _np.ndarray) -> _np.ndarray:
-    """``_moments`` of rows that share one dtype."""
+def _moments_of(r, amax: _np.ndarray, rescale: _np.ndarray | None = None) -> _np.ndarray:
+    """``_moments`` of rows that share one dtype; ``rescale``: ``_squares_out_of_range`` if known."""
     import torch
 
     n = r.shape[1]
-    k = _np.zeros(len(amax), dtype=_np.int64)
-    rescale = _squares_out_of_range(amax, r.dtype, n)
+    out = _np.empty((r.shape[0], 3))
+    if rescale is None:
+        rescale = _squares_out_of_range(amax, r.dtype, n)
+    k = None
     if rescale.any():  # largest magnitude ~1; 2^k itself may lie outside float64, so in two factors
+        k = _np.zeros(len(amax), dtype=_np.int64)
         k[rescale] = -_np.ceil(_np.log2(amax[rescale])).astype(_np.int64)
         for part in (k // 2, k - k // 2):
             r = r * torch.tensor(_np.ldexp(1.0, part), dtype=r.dtype, device=r.device)[:, None]
     total, norm = host(row_sum(r), torch.linalg.vector_norm(r, dim=1))
     mean, rms = total / n, norm / math.sqrt(n)
     with _np.errstate(invalid="ignore"):  # inf - inf: an overflowed row's std is NaN
-        std = _np.sqrt(_np.clip(rms * rms - mean * mean, 0, None))
+        std = _np.sqrt(_np.maximum(rms * rms - mean * mean, 0))
     second = _np.flatnonzero(~(mean * mean <= 0.25 * rms * rms))  # std^2 < 3/4 rms^2 (or NaN): cancellation
     if second.size:
         index = torch.from_numpy(second).to(r.device)
         centre = torch.tensor(mean[second], dtype=r.dtype, device=r.device)[:, None]
         [dev] = host(torch.linalg.vector_norm(r[index] - centre, dim=1))
         std[second] = dev / math.sqrt(n)
-    return _np.ldexp(_np.stack([mean, std, rms], axis=1), -k[:, None])
+    out[:, 0], out[:, 1], out[:, 2] = mean, std, rms
+    return out if k is None else _np.ldexp(out, -k[:, None])
 
 
 def row_sum(x):
@@ -336,12 +343,18 @@ def _squares_out_of_range(amax: _np.ndarray, dtype, n: int) -> _np.ndarray:
     """Rows whose sum of squares leaves ``dtype``'s accurate range: above sqrt(max / n) it
     overflows; below sqrt(tiny / eps) (3e-16 in fp32) the squares fall among the subnormals and
     torch's norm loses them ([3e-23, 1e-24] gave 3.7e-23 in fp32; 2e-38 gave 0)."""
+    high, low = _square_limits(dtype, n)
+    with _np.errstate(invalid="ignore"):
+        return _np.isfinite(amax) & (amax > 0) & ((amax > high) | (amax < low))
+
+
+@functools.lru_cache(maxsize=64)
+def _square_limits(dtype, n: int) -> tuple[float, float]:
+    """(sqrt(max / n), sqrt(tiny / eps)) of float ``dtype``: see ``_squares_out_of_range``."""
     import torch
 
     info = torch.finfo(dtype)
-    with _np.errstate(invalid="ignore"):
-        return (_np.isfinite(amax) & (amax > 0)
-                & ((amax > math.sqrt(info.max / n)) | (amax < math.sqrt(info.tiny / info.eps))))
+    return math.sqrt(info.max / n), math.sqrt(info.tiny / info.eps)
 
 
 def grad_extra_stats(exact, threshold: float, fmt: Format) -> _np.ndarray:

@@ -7,6 +7,7 @@ Run: ``python -m pytest tests/benchmarks/test_speed.py --benchmark-columns=media
 each test prints the suite/bare ratio of medians.
 """
 
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -21,7 +22,7 @@ from precision_suite.inits import parse_init
 from precision_suite.runner import run_matrix, torch_threads
 from precision_suite.spec import Case, Matrix
 
-ROUNDS = 3
+ROUNDS = 5
 FP16 = get_format("fp16")
 
 
@@ -72,40 +73,36 @@ def suite_chain(width, batch, depth, backward=False, **fields):
     return r
 
 
-def _ratio(benchmark, bare_seconds):
-    suite = benchmark.stats.stats.median
-    ratio = suite / bare_seconds
-    benchmark.extra_info["bare_median_s"] = bare_seconds
-    benchmark.extra_info["ratio_vs_bare"] = ratio
-    print(f"\n{benchmark.name}: suite {suite:.3f}s / bare {bare_seconds:.3f}s = {ratio:.2f}x")
-    return ratio
+def _against_bare(benchmark, bare, suite, *args, **kwargs):
+    """Rounds of ``bare()`` and ``suite(*args, **kwargs)`` in turn (bare in pytest-benchmark's
+    untimed setup, timed here), so that a machine whose speed drifts slows both alike; prints and
+    records the ratio of the medians. Returns the suite's last result."""
+    bare_times = []
 
-
-def _bare_median(fn, *args):
-    import time
-
-    times = []
-    for _ in range(ROUNDS):
+    def timed_bare():
         t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        bare()
+        bare_times.append(time.perf_counter() - t0)
+
+    result = benchmark.pedantic(suite, args=args, kwargs=kwargs, setup=timed_bare, rounds=ROUNDS, iterations=1)
+    bare_s, suite_s = float(np.median(bare_times)), benchmark.stats.stats.median
+    ratio = suite_s / bare_s
+    benchmark.extra_info["bare_median_s"] = bare_s
+    benchmark.extra_info["ratio_vs_bare"] = ratio
+    print(f"\n{benchmark.name}: suite {suite_s:.3f}s / bare {bare_s:.3f}s = {ratio:.2f}x (medians of {ROUNDS}, interleaved)")
+    return result
 
 
 @pytest.mark.parametrize("batch", [1024, 64])
 def test_forward_fp16_emulated_vs_bare(benchmark, batch):
     width, depth = 256, 1000 if batch == 1024 else 2000
-    bare = _bare_median(bare_chain, width, batch, depth)
-    benchmark.pedantic(suite_chain, args=(width, batch, depth), rounds=ROUNDS, iterations=1)
-    _ratio(benchmark, bare)
+    _against_bare(benchmark, lambda: bare_chain(width, batch, depth), suite_chain, width, batch, depth)
 
 
 def test_forward_backward_fp16_emulated(benchmark):
     width, batch, depth = 256, 256, 200
-    bare = _bare_median(bare_chain, width, batch, depth, torch.tanh, True)
-    benchmark.pedantic(suite_chain, args=(width, batch, depth), kwargs=dict(backward=True), rounds=ROUNDS,
-                       iterations=1)
-    _ratio(benchmark, bare)
+    _against_bare(benchmark, lambda: bare_chain(width, batch, depth, torch.tanh, True), suite_chain, width, batch,
+                  depth, backward=True)
 
 
 def test_native_bf16(benchmark):
@@ -122,10 +119,7 @@ def test_native_bf16(benchmark):
             x = torch.tanh(torch.nn.functional.linear(x, w))
         return x
 
-    bare = _bare_median(bare_native)
-    benchmark.pedantic(suite_chain, args=(width, batch, depth), kwargs=dict(format="bf16", mode="native"),
-                       rounds=ROUNDS, iterations=1)
-    _ratio(benchmark, bare)
+    _against_bare(benchmark, bare_native, suite_chain, width, batch, depth, format="bf16", mode="native")
 
 
 def bare_matrix(cases):
@@ -158,12 +152,8 @@ def test_default_matrix(benchmark):
     """The whole default matrix, forward and backward, against the bare chains of all its cases:
     in one process (the ratio), and as ``precision-suite run`` spreads it over the cores."""
     cases = Matrix(devices=("cpu",), modes=("emulated",)).cases()
-    bare = _bare_median(bare_matrix, cases)
-    results = benchmark.pedantic(run_cases, args=(cases,), rounds=ROUNDS, iterations=1)
+    results = _against_bare(benchmark, lambda: bare_matrix(cases), run_cases, cases)
     assert all(r.status == "ok" for r in results)
-    _ratio(benchmark, bare)
-    import time
-
     t0 = time.perf_counter()
     run_matrix(cases=cases, jobs=None)
     print(f"default matrix: {len(cases)} cases; with the default jobs {time.perf_counter() - t0:.2f}s")
