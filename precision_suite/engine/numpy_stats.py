@@ -52,6 +52,22 @@ def significance_floor(exact: _np.ndarray, fmt: Format) -> float:
     return fmt.eps * _rms(e, float(e.max()))
 
 
+def _value_stats(out: _np.ndarray, values: _np.ndarray) -> tuple[_np.ndarray, _np.ndarray]:
+    """The statistics of the stored values alone into ``out`` (rms, mean, std, amax, amin_nonzero,
+    zero_frac); returns (|values|, values == 0) for the counts that follow."""
+    a = _np.abs(values)
+    zero = values == 0
+    nonzero = a[~zero]
+    amax = float(a.max())
+    out[_I["rms"]] = _rms(a, amax)
+    out[_I["mean"]] = values.mean()
+    out[_I["std"]] = values.std()
+    out[_I["amax"]] = amax
+    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
+    out[_I["zero_frac"]] = _np.count_nonzero(zero) / values.size
+    return a, zero
+
+
 @_np.errstate(all="ignore")
 def tensor_stats(exact: _np.ndarray, rounded: _np.ndarray, fmt: Format) -> _np.ndarray:
     """The statistics of one tensor as a float64 vector ordered like ``STAT_NAMES``.
@@ -65,18 +81,9 @@ def tensor_stats(exact: _np.ndarray, rounded: _np.ndarray, fmt: Format) -> _np.n
     r = _np.asarray(rounded, dtype=_np.float64).ravel()
     e = _np.asarray(exact, dtype=_np.float64).ravel()
     n = r.size
-    a = _np.abs(r)
-    zero = r == 0
-    nonzero = a[~zero]
     significant = _np.abs(e) >= significance_floor(e, fmt)
     out = _np.empty(len(STAT_NAMES))
-    amax = float(a.max())
-    out[_I["rms"]] = _rms(a, amax)
-    out[_I["mean"]] = r.mean()
-    out[_I["std"]] = r.std()
-    out[_I["amax"]] = amax
-    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
-    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
+    a, zero = _value_stats(out, r)
     out[_I["subnormal_frac"]] = _np.count_nonzero((a > 0) & (a < fmt.smallest_normal) & significant) / n
     out[_I["inf_frac"]] = _np.count_nonzero(_np.isinf(r)) / n
     out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(r)) / n
@@ -130,19 +137,10 @@ def gemm_stats(exact: _np.ndarray, quant, nonfinite_block: _np.ndarray) -> _np.n
     e = _np.asarray(exact, dtype=_np.float64).ravel()
     d = quant.deq.astype(_np.float64).ravel()
     n = d.size
-    a = _np.abs(d)
-    zero = d == 0
-    nonzero = a[~zero]
     significant = _np.abs(e) >= significance_floor(e, elem)
-    flushed = zero & (e != 0)
     out = _np.empty(len(STAT_NAMES) + len(GEMM_STATS))
-    amax = float(a.max())
-    out[_I["rms"]] = _rms(a, amax)
-    out[_I["mean"]] = d.mean()
-    out[_I["std"]] = d.std()
-    out[_I["amax"]] = amax
-    out[_I["amin_nonzero"]] = nonzero.min() if nonzero.size else _np.nan
-    out[_I["zero_frac"]] = _np.count_nonzero(zero) / n
+    a, zero = _value_stats(out, d)
+    flushed = zero & (e != 0)
     out[_I["underflow_frac"]] = _np.count_nonzero(flushed & significant) / n
     out[_I["flush_frac"]] = _np.count_nonzero(flushed) / n
     scale_left = ~_np.isfinite(d) & _np.isfinite(e) & ~_np.asarray(nonfinite_block).ravel()

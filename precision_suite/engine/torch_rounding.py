@@ -5,6 +5,7 @@ scales an outliers input's channels and rounds (x_in = rnd(x m), d x = rnd(d x_i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as _np
@@ -69,14 +70,9 @@ def _make_round_fn():
     return _Round
 
 
-_ROUND_FN = None
-
-
+@functools.cache
 def round_fn():
-    global _ROUND_FN
-    if _ROUND_FN is None:
-        _ROUND_FN = _make_round_fn()
-    return _ROUND_FN
+    return _make_round_fn()
 
 
 def _make_scale_round_fn():
@@ -98,11 +94,6 @@ def _make_scale_round_fn():
     return _ScaleRound
 
 
-_SCALE_ROUND_FN = None
-
-
+@functools.cache
 def scale_round_fn():
-    global _SCALE_ROUND_FN
-    if _SCALE_ROUND_FN is None:
-        _SCALE_ROUND_FN = _make_scale_round_fn()
-    return _SCALE_ROUND_FN
+    return _make_scale_round_fn()

@@ -17,6 +17,7 @@ The quantized inputs get statistics of their own (``torch_qstats``): ``gemm_in``
 
 from __future__ import annotations
 
+import functools
 from ..quantize import quantize
 from .torch_emulated import EmulatedStack
 from .torch_qstats import QuantizedTable, quantized_stats
@@ -46,14 +47,9 @@ def _make_quantized_matmul():
     return _QuantizedMatmul
 
 
-_QMATMUL = None
-
-
+@functools.cache
 def quantized_matmul():
-    global _QMATMUL
-    if _QMATMUL is None:
-        _QMATMUL = _make_quantized_matmul()
-    return _QMATMUL
+    return _make_quantized_matmul()
 
 
 class ScaledStack(EmulatedStack):

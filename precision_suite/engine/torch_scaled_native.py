@@ -11,6 +11,7 @@ the native pre and that native gradient. The quantized inputs' statistics are th
 
 from __future__ import annotations
 
+import functools
 from ..quantize import quantize
 from .torch_native import NativeStack, _through_multiplier
 from .torch_ops import native_act, norm
@@ -41,14 +42,9 @@ def _make_native_matmul():
     return _NativeScaledMatmul
 
 
-_NATIVE_MATMUL = None
-
-
+@functools.cache
 def native_matmul():
-    global _NATIVE_MATMUL
-    if _NATIVE_MATMUL is None:
-        _NATIVE_MATMUL = _make_native_matmul()
-    return _NATIVE_MATMUL
+    return _make_native_matmul()
 
 
 class NativeScaledStack(NativeStack):
