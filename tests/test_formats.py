@@ -1,5 +1,6 @@
 """Format limits come from finfo; the derived overflow threshold sits where rounding says it does."""
 
+import functools
 import math
 
 import ml_dtypes
@@ -61,11 +62,21 @@ def test_unknown_format_lists_valid_names():
         get_format("fp12")
 
 
+@pytest.mark.parametrize("saturating", [False, True], ids=["torch-casts", "casts-saturate"])
 @pytest.mark.parametrize("name", LOW + ["fp32"])
-def test_torch_emulated_rounding_equals_numpy_reference(name):
-    """The torch engine's rounder (fp32 and fp64 inputs) against the numpy/ml_dtypes reference."""
+def test_torch_emulated_rounding_equals_numpy_reference(name, saturating, monkeypatch):
+    """The torch engine's rounder (fp32 and fp64 inputs) against the numpy/ml_dtypes reference, with
+    this torch's casts and as if every cast saturated (the rounder then marks overflows itself)."""
     torch = pytest.importorskip("torch")
+    from precision_suite.engine import torch_rounding
     from precision_suite.engine.torch_rounding import rounder
+
+    if saturating:  # a torch whose every cast clamps to the format's max (as its e4m3fn cast does)
+        real = torch_rounding.cast
+        monkeypatch.setattr(torch_rounding, "cast", lambda x, dtype: real(
+            x.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max), dtype))
+        torch_rounding.cast_saturates.cache_clear()
+        monkeypatch.setattr(torch_rounding, "cast_saturates", functools.cache(torch_rounding.cast_saturates.__wrapped__))
 
     fmt = FORMATS[name]
     rng = np.random.default_rng(1)

@@ -32,7 +32,9 @@ def rounder(fmt: Format):
 
     A float64 tensor is rounded to odd in float32 first (torch's float64 -> fp16/bf16/fp8 casts
     round twice). Overflow follows the format: inf, or NaN where it has none (fp8_e4m3fn), as in
-    ml_dtypes; torch's saturating fp8 cast is what native mode shows.
+    ml_dtypes; torch's saturating fp8 cast is what native mode shows. Where torch's cast to a
+    format with inf saturates instead (``cast_saturates``: not so for fp8_e5m2 in torch 2.13), the
+    overflowed elements are set to +-inf explicitly.
     """
     import torch
 
@@ -40,13 +42,34 @@ def rounder(fmt: Format):
         return lambda x: x
     low = fmt.torch_dtype()
     direct = fmt.np_dtype == _np.float32
+    mark = math.nan if not fmt.has_inf else math.inf if cast_saturates(fmt.torch_name, fmt.overflow_threshold) else None
 
     def rnd(x):
         src = x if direct or x.dtype != torch.float64 else _fp64_to_fp32_odd(x)
-        r = src.to(low).to(x.dtype)
-        return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), math.nan, r)
+        r = cast(src, low).to(x.dtype)
+        if mark is None:
+            return r
+        over = fmt.overflows(x.abs())
+        return torch.where(over, torch.copysign(torch.full_like(r, mark), x) if mark == math.inf else mark, r)
 
     return rnd
+
+
+def cast(x, dtype):
+    """torch's cast of ``x`` to ``dtype`` (one place, so that a test can stand in a saturating one)."""
+    return x.to(dtype)
+
+
+@functools.cache
+def cast_saturates(torch_name: str, overflow_threshold: float) -> bool:
+    """Does torch's cast to ``torch_name`` turn a value past the format's overflow threshold
+    (twice T_of, from float64) into a finite one (saturation) rather than inf or NaN? Read from this
+    torch at run time: fp8_e4m3fn's cast saturates in torch 2.13 (it has no inf), fp8_e5m2's gives
+    inf, and either may change."""
+    import torch
+
+    beyond = torch.tensor([2 * overflow_threshold], dtype=torch.float64)
+    return bool(torch.isfinite(cast(beyond, getattr(torch, torch_name)).double()).all())
 
 
 def _make_round_fn():
