@@ -227,8 +227,9 @@ def quant_view(r: CaseResult) -> dict | None:
             "tensor": _TENSOR_LABEL[t], "key": t,
             "sqnr_median": _fmt_db(_median(s_all)), "sqnr_worst": _fmt_db(worst), "sqnr_worst_at": worst_at or "",
             "bulk_median": _fmt_db(_median(s_bulk)), "bulk_worst": _fmt_db(bworst), "bulk_worst_at": bworst_at or "",
-            "flushed": _pct(flush), "flushed_at": flush_at or "", "saturated": _pct(sat), "saturated_at": sat_at or "",
-            "scales": "—" if lo is None else f"2^{lo:.4g} … 2^{hi:.4g}"})
+            "flushed": _pct(flush), "flushed_at": (flush and flush_at) or "",  # no layer for "never"
+            "saturated": _pct(sat), "saturated_at": (sat and sat_at) or "",
+            "scales": "—" if lo is None else f"{lo:.1f} … {hi:.1f}"})
     return {"recipe": recipe_text(r.case.format), "rows": rows, "scale_range": scale_range_text(r.case.format)}
 
 
