@@ -18,13 +18,15 @@ from collections import defaultdict
 import numpy as _np
 
 from ..environment import flatten
-from ..formats import FORMATS, get_format
+from ..formats import get_format
 from ..results import CaseResult, Results
 from ..spec import Case
 from ..stats import EVENT_NAMES
 from ..summary import describe_case_failure, describe_failure
 from ..verdicts import TheoryVerdict, backend_disagreements, count_cases, layers_survived, theory_verdict
 from .probe_view import is_probe, least_headroom_text, probe_groups, probe_verdicts, probe_view
+from .scaled_view import (flush_text, format_rank, is_scaled, quant_charts, quant_view, recipe_short, recipe_text,
+                          recipes_view, scale_range_text, scaling_of)
 
 __all__ = ["diff_results", "headroom", "report_data"]
 
@@ -32,7 +34,6 @@ __all__ = ["diff_results", "headroom", "report_data"]
 _COLUMN_AXES = ("format", "device", "mode", "backend")
 _GROUP_AXES = ("activation", "norm", "residual", "input", "bias", "width", "depth", "batch", "seed",
                "underflow_threshold", "loss_scale")
-_FORMAT_ORDER = {name: i for i, name in enumerate(FORMATS)}
 _EVENT_LABELS = {
     "first_overflow": "overflow", "first_nan": "NaN", "first_zero": "dead (all zero)",
     "first_underflow": "underflow ≥ threshold", "first_underflow_any": "first underflowed element",
@@ -285,6 +286,8 @@ def _case_charts(r: CaseResult, fwd_theory: TheoryVerdict, bwd_theory: TheoryVer
     if fwd_theory.layer is not None:
         markers.append({"x": fwd_theory.layer, "label": "theory " + _KIND_LABEL[fwd_theory.kind], "kind": "theory"})
     out["fm"] = markers
+    if is_scaled(r):  # the quantized matmul inputs (scaled formats only)
+        out.update(quant_charts(r))
     if r.theory and r.theory.get("applicable"):
         out["ft"] = _theory_curves(r.theory, "pre")
     if r.backward is not None:
@@ -358,7 +361,13 @@ def _case_view(index: int, r: CaseResult, environments: tuple) -> dict:
         warn.append(f"subnormal fraction ≥ {c.underflow_threshold:g} from layer {r.forward.events.first_subnormal}")
     if r.forward.events.first_underflow_any is not None:
         warn.append(f"first underflowed element at layer {r.forward.events.first_underflow_any}")
+    if r.forward.events.first_flush is not None:
+        warn.append(f"quantized matmul input flushed ≥ {c.underflow_threshold:g} from layer {r.forward.events.first_flush}")
+    if r.backward is not None and r.backward.events.first_flush is not None:
+        warn.append(f"quantized gradient flushed ≥ {c.underflow_threshold:g} at layer {r.backward.events.first_flush}"
+                    " (backward)")
     v["warnings"] = warn
+    v["quant"] = quant_view(r)
     v["headroom"] = headroom({"pre": r.forward.pre, "post": r.forward.post}, c.format)
     if r.backward is not None:
         v["headroom_backward"] = headroom({"grad": r.backward.grad, "grad_pre": r.backward.grad_pre,
@@ -400,7 +409,8 @@ def _theory_view(th: TheoryVerdict) -> dict:
 
 def _cell(index: int, r: CaseResult, disagrees: str | None) -> dict:
     """Line 1: the case failure (``∇`` when the gradients failed first); line 2: theory's forward
-    prediction; line 3: the other pass (``fwd ...`` under a backward failure, ``∇ ...`` otherwise)."""
+    prediction; line 3: the other pass (``fwd ...`` under a backward failure, ``∇ ...`` otherwise);
+    a scaled format's line 4: its ``first_flush`` warning, when it has one (``flushed @ 1 · ∇ @ 40``)."""
     th = theory_verdict(r.theory, "forward")
     f = r.failure
     if r.status != "ok" or r.forward is None:
@@ -411,9 +421,11 @@ def _cell(index: int, r: CaseResult, disagrees: str | None) -> dict:
             other = "fwd " + describe_failure(r.forward.events, r.case.depth)
         else:
             other = ("∇ " + describe_failure(r.backward.events, r.case.depth)) if r.backward else ""
+    flush = flush_text(r) if is_scaled(r) else ""
     return {"index": index, "id": r.id, "anchor": _anchor(r.id), "label": label, "kind": kind,
             "direction": f["direction"] if f else None, "theory": _theory_text(th), "theory_title": th.reason or "",
-            "other": other, "colour": _cell_colour(r), "error": r.error or r.skip_reason or "",
+            "other": other, "flush": f"flushed {flush}" if flush else "", "colour": _cell_colour(r),
+            "error": r.error or r.skip_reason or "",
             "survived": layers_survived(r), "disagrees": disagrees}
 
 
@@ -440,7 +452,7 @@ def _column_verdict(col_label: str, cells: list) -> str:
 def _format_verdicts(results: Results, cases_by_fmt: dict) -> list:
     """Per format: how many cases fail (either direction), by kind, with the one that survived fewest layers."""
     out = []
-    for fmt in sorted(cases_by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99)):
+    for fmt in sorted(cases_by_fmt, key=format_rank):
         cases = cases_by_fmt[fmt]
         ran = [r for r in cases if r.status == "ok" and r.forward is not None]
         not_run = len(cases) - len(ran)
@@ -488,14 +500,21 @@ def _chain_by_format(by_fmt: dict) -> dict:
     return {f: rs for f, rs in kept.items() if rs}
 
 
-def _groups(results: Results, case_index: dict) -> list:
-    cases = [r for r in results.cases if not is_probe(r)]  # probe cases: probe_view.probe_groups
-    disagree = backend_disagreements(cases)
-    backend = {r.id: r.case.backend for r in cases}
+def _axes(cases: list) -> tuple[list, list]:
+    """(group axes, column axes) of the heatmaps: the axes that vary (or leave their default), the
+    activation always, the format always."""
     group_axes = [a for a in _GROUP_AXES if a == "activation" or len({getattr(r.case, a) for r in cases}) > 1
                   or (a in ("norm", "residual", "input", "bias") and any(
                       getattr(r.case, a) != getattr(Case(), a) for r in cases))]
     column_axes = ["format"] + [a for a in _COLUMN_AXES[1:] if len({getattr(r.case, a) for r in cases}) > 1]
+    return group_axes, column_axes
+
+
+def _groups(results: Results, case_index: dict) -> list:
+    cases = [r for r in results.cases if not is_probe(r)]  # probe cases: probe_view.probe_groups
+    disagree = backend_disagreements(cases)
+    backend = {r.id: r.case.backend for r in cases}
+    group_axes, column_axes = _axes(cases)
     grouped: dict[tuple, list] = {}
     for r in cases:
         grouped.setdefault(tuple(getattr(r.case, a) for a in group_axes), []).append(r)
@@ -503,7 +522,7 @@ def _groups(results: Results, case_index: dict) -> list:
     for gi, (gkey, members) in enumerate(grouped.items()):
         title = " · ".join(_axis_label(a, v) for a, v in zip(group_axes, gkey))
         cols: dict[tuple, str] = {}
-        for r in sorted(members, key=lambda r: (_FORMAT_ORDER.get(r.case.format, 99),
+        for r in sorted(members, key=lambda r: (format_rank(r.case.format),
                                                  *(str(getattr(r.case, a)) for a in column_axes[1:]))):
             ckey = tuple(getattr(r.case, a) for a in column_axes)
             cols.setdefault(ckey, " / ".join(str(v) for v in ckey))
@@ -516,7 +535,7 @@ def _groups(results: Results, case_index: dict) -> list:
                 for ck in cols]})
         columns, verdicts, comparisons = [], [], []
         for ci, (ckey, label) in enumerate(cols.items()):
-            columns.append({"label": label, "format": ckey[0]})
+            columns.append({"label": label, "format": ckey[0], "recipe": recipe_short(ckey[0])})
             col_cells = [(row["init"], row["cells"][ci]) for row in rows]
             verdicts.append(_column_verdict(label, col_cells))
             members_col = [(init, c) for init, c in col_cells if c is not None and c["kind"] not in ("error", "skipped")]
@@ -605,17 +624,23 @@ def report_data(results: Results, baseline: Results | None = None) -> dict:
     comparisons = [cmp for g in groups for cmp in g["comparisons"]]
     for i, cmp in enumerate(comparisons):
         cmp["index"] = i
+    chains = [r for r in cases if not is_probe(r)]
+    recipes, recipe_charts = recipes_view(chains, case_index, *_axes(chains), _axis_label, _anchor)
+    recipe_formats = [{"name": n, "text": recipe_text(n), "scale_range": scale_range_text(n)}
+                      for n in sorted(by_fmt, key=format_rank) if scaling_of(n) is not None]
     view = {
         "created": results.created, "tool_version": results.tool_version, "n_cases": len(cases), "counts": counts,
         "definitions": sorted(results.definitions.items()), "axes": axes,
         "verdicts": _format_verdicts(results, _chain_by_format(by_fmt)) + probe_verdicts([r for r in cases if is_probe(r)]),
         "groups": groups,
         "cases": case_views, "environment": _environment_rows(results.environments),
-        "formats": [_format_view(n) for n in sorted(by_fmt, key=lambda n: _FORMAT_ORDER.get(n, 99))],
+        "formats": [_format_view(n) for n in sorted(by_fmt, key=format_rank)],
+        "recipes": recipes, "recipe_formats": recipe_formats,
         "baseline": None if baseline is None else diff_results(results, baseline),
     }
     charts = {"formats": {n: _format_view(n) for n in by_fmt},
               "cases": [_case_charts(r, theory_verdict(r.theory, "forward"), theory_verdict(r.theory, "backward"))
                         for r in cases],
-              "comparisons": [{k: cmp[k] for k in ("title", "format", "cases", "labels")} for cmp in comparisons]}
+              "comparisons": [{k: cmp[k] for k in ("title", "format", "cases", "labels")} for cmp in comparisons],
+              "recipes": recipe_charts}
     return {"view": view, "charts": _plain(charts)}

@@ -8,6 +8,11 @@
   var STAT_STYLE = {rms: {width: 2}, amax: {width: 1.5, dash: [7, 3]}, amin: {width: 1.2, dash: [2, 3]}};
   var STAT_LABEL = {rms: "rms", amax: "max |x|", amin: "min |x|≠0"};
   var FRACTION_COLOURS = {underflow: "#d62728", flushed: "#e377c2", subnormal: "#d99a00", zero: "#444444"};
+  var QUANT_COLOURS = {gemm_in: "#1f77b4", gemm_w: "#e8710a", grad_gemm_in: "#2a9d3a"};
+  var QUANT_DASH = {all: undefined, bulk: [6, 3], flushed: undefined, saturated: [6, 3], max: undefined,
+                    min: [6, 3], floor: [2, 3]};
+  var QUANT_LABEL = {all: "SQNR", bulk: "bulk SQNR", flushed: "flushed", saturated: "saturated",
+                     max: "largest scale", min: "smallest scale", floor: "E4M3 scale floor"};
   var PALETTE = ["#1f77b4", "#e8710a", "#2a9d3a", "#d62728", "#8e44ad", "#8c564b", "#e377c2", "#7f7f7f",
                  "#17becf", "#bcbd22", "#393b79", "#ad494a"];
   var charts = [];
@@ -228,15 +233,104 @@
     return new uPlot(opts, data, el);
   }
 
+  function fitRange(columns, extra, minPad) {
+    var lo = Infinity, hi = -Infinity;
+    columns.concat(extra ? [extra] : []).forEach(function (col) {
+      col.forEach(function (v) { if (v != null && isFinite(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); } });
+    });
+    if (!isFinite(lo)) return [0, 1];
+    var pad = Math.max(minPad, (hi - lo) * 0.05);
+    return [Math.floor(lo - pad), Math.ceil(hi + pad)];
+  }
+
+  /* the quantized matmul inputs of a scaled case: x = layer 1..depth, one colour per input
+     (gemm_in, gemm_w, grad_gemm_in), the dash says which statistic */
+  function quantChart(el, c, kind) {
+    var stats = c[kind] || {};
+    var data = [range(c.depth, 1)];
+    var yLabel = {q: "SQNR (dB)", qf: "fraction", qs: "log2 scale"}[kind];
+    var opts = baseOpts(el, null, yLabel);
+    var value = kind === "q" ? function (u, v) { return v == null ? "—" : v.toFixed(1) + " dB"; } :
+      kind === "qf" ? pctValue : log2Value;
+    Object.keys(stats).forEach(function (key) {
+      var parts = key.split("."), tensor = parts[0], stat = parts[1];
+      data.push(stats[key]);
+      opts.series.push({label: tensor.replace(/_/g, " ") + " " + (QUANT_LABEL[stat] || stat),
+                        stroke: QUANT_COLOURS[tensor] || "#000", dash: QUANT_DASH[stat],
+                        width: stat === "floor" ? 1.2 : stat === "all" || stat === "max" || stat === "flushed" ? 2 : 1.5,
+                        points: {show: false}, value: value});
+    });
+    var series = data.slice(1);
+    var empty = allNull(series) ? "no finite value to draw" : null;
+    if (kind === "qf") {
+      var top = 2 * c.thr;
+      series.forEach(function (col) { col.forEach(function (v) { if (v != null) top = Math.max(top, 1.15 * v); }); });
+      opts.scales.y = {range: [0, Math.min(1, top)]};
+      opts.axes[1].values = function (u, vals) { return vals.map(function (v) { return +(100 * v).toPrecision(3) + "%"; }); };
+    } else if (kind === "qs") {
+      var band = c.qband;
+      opts.scales.y = {range: fitRange(series, band ? [band.lo, band.hi] : null, 2)};
+    } else {
+      opts.scales.y = {range: fitRange(series, null, 2)};
+    }
+    opts.plugins = [{hooks: {drawClear: [function (u) {
+      var ctx = u.ctx, b = u.bbox, px = uPlot.pxRatio;
+      function line(v, colour, text, below) {
+        var yy = u.valToPos(v, "y", true);
+        if (yy < b.top || yy > b.top + b.height) return;
+        ctx.strokeStyle = colour; ctx.lineWidth = px; ctx.setLineDash([4 * px, 3 * px]);
+        ctx.beginPath(); ctx.moveTo(b.left, yy); ctx.lineTo(b.left + b.width, yy); ctx.stroke();
+        ctx.fillStyle = colour; ctx.font = (11 * px) + "px system-ui, sans-serif"; ctx.textAlign = "right";
+        ctx.fillText(text, b.left + b.width - 4 * px, below ? yy + 12 * px : yy - 3 * px);
+      }
+      ctx.save();
+      if (kind === "qf") line(c.thr, "#777", "first_flush threshold " + (100 * c.thr) + "%", false);
+      if (kind === "qs" && c.qband) {
+        var top = u.valToPos(c.qband.hi, "y", true), bottom = u.valToPos(c.qband.lo, "y", true);
+        ctx.fillStyle = "rgba(214, 39, 40, 0.10)";
+        if (top > b.top) ctx.fillRect(b.left, b.top, b.width, top - b.top);
+        if (bottom < b.top + b.height) ctx.fillRect(b.left, bottom, b.width, b.top + b.height - bottom);
+        line(c.qband.hi, "#d62728", c.qband.hi_label + " (2^" + (+c.qband.hi.toFixed(2)) + ")", true);
+        line(c.qband.lo, "#d62728", c.qband.lo_label + " (2^" + (+c.qband.lo.toFixed(2)) + ")", false);
+      }
+      if (empty) {
+        ctx.fillStyle = "#444"; ctx.textAlign = "center"; ctx.font = (13 * px) + "px system-ui, sans-serif";
+        ctx.fillText(empty, b.left + b.width / 2, b.top + b.height / 2);
+      }
+      ctx.restore();
+    }]}}];
+    return new uPlot(opts, data, el);
+  }
+
+  /* one line per recipe: the bulk SQNR of gemm_in over depth, on the group's shared scale */
+  function recipeChart(el, cmp) {
+    var depth = 0;
+    cmp.cases.forEach(function (i) { depth = Math.max(depth, DATA.cases[i].depth); });
+    var data = [range(depth, 1)];
+    var opts = baseOpts(el, null, "bulk SQNR (dB)");
+    cmp.cases.forEach(function (i, k) {
+      var values = ((DATA.cases[i].q || {})["gemm_in.bulk"] || []).slice();
+      while (values.length < depth) values.push(null);
+      data.push(values);
+      opts.series.push({label: cmp.labels[k], stroke: PALETTE[cmp.colours[k] % PALETTE.length], width: 2,
+                        points: {show: false}, value: function (u, v) { return v == null ? "—" : v.toFixed(1) + " dB"; }});
+    });
+    opts.scales.y = {range: cmp.yrange};
+    return new uPlot(opts, data, el);
+  }
+
   function draw(el) {
     if (el.dataset.drawn) return;
     el.dataset.drawn = "1";
     var u;
     if (el.dataset.compare != null) {
       u = compareChart(el, DATA.comparisons[+el.dataset.compare]);
+    } else if (el.dataset.recipes != null) {
+      u = recipeChart(el, DATA.recipes[+el.dataset.recipes]);
     } else {
       var c = DATA.cases[+el.dataset.case], kind = el.dataset.kind;
-      u = kind === "f" || kind === "b" ? rangeChart(el, c, kind) : fractionChart(el, c, kind);
+      u = kind === "f" || kind === "b" ? rangeChart(el, c, kind) :
+        kind === "q" || kind === "qf" || kind === "qs" ? quantChart(el, c, kind) : fractionChart(el, c, kind);
     }
     charts.push([u, el]);
     drawn++;
