@@ -39,6 +39,8 @@ def _warnings(events) -> str:
         out.append(f"subnormal@{events.first_subnormal}")
     if events.first_underflow_any is not None:
         out.append(f"underflow_any@{events.first_underflow_any}")
+    if events.first_flush is not None:
+        out.append(f"flush@{events.first_flush}")
     return " ".join(out)
 
 

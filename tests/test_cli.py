@@ -27,6 +27,19 @@ def test_run_writes_json_and_prints_summary(tmp_path, capsys):
                       "first), 0 errors, 0 skipped")
 
 
+def test_summary_row_shows_a_scaled_formats_flush_warning(tmp_path, capsys):
+    """mxfp4 flushes ~9% of N(0,1) elements of its first matmul input (first_flush @ 1): the summary's
+    warning column says so, at the layer the results hold."""
+    assert main(["run", "--depth", "3", "--width", "64", "--batch", "16", "--inits", "kaiming_normal",
+                 "--activations", "relu", "--formats", "mxfp4", "--no-backward", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    [case] = json.loads((tmp_path / "results.json").read_text())["cases"]
+    flush = case["forward"]["first_flush"]
+    assert flush is not None
+    row = next(line for line in out.splitlines() if line.startswith(case["id"]))
+    assert f"flush@{flush}" in row
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--inits", "gaussian"], "unknown init 'gaussian'; valid:"),
     (["--activations", "swish"], "unknown activation 'swish'; valid: identity"),
