@@ -11,6 +11,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 from scipy.special import ndtr
 
 from precision_suite import run_matrix
@@ -274,8 +275,8 @@ def _expected_qerr(scaling, tensor_amax: float, r: float) -> tuple[float, float]
 
     def per_element(limit):
         rest = _squared_error(codes, sigma, np.minimum(a, limit))
-        return np.trapezoid(p ** (b - 1) * 2 * _phi(a) * top_error * (a <= limit)
-                            + (b - 1) * p ** (b - 2) * 2 * _phi(a) * rest, a)
+        return trapezoid(p ** (b - 1) * 2 * _phi(a) * top_error * (a <= limit)
+                         + (b - 1) * p ** (b - 2) * 2 * _phi(a) * rest, a)
 
     return math.sqrt(per_element(np.inf)), math.sqrt(per_element(r) / bulk_norm)
 
