@@ -60,7 +60,7 @@ def _sqnr(d: np.ndarray, e: np.ndarray) -> float:
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "fp8_tensor"])
 def test_outlier_channels_stay_out_of_the_bulk(name, backend):
     """The bulk's SQNR is the SQNR of the non-outlier channels' elements with |x| <= their own rms
-    (the bulk as the test knows it, without any clipping), within 0.2 dB. Under |x| <= rms(x) it
+    (the bulk as the test knows it, without any clipping), within 0.05 dB. Under |x| <= rms(x) it
     was 18.3 / 30.1 / 31.8 dB against 4.3 / 7.3 / 23.3 dB: the outlier channels' values up to 1075
     carried the bulk's error energy.
 
@@ -75,7 +75,7 @@ def test_outlier_channels_stay_out_of_the_bulk(name, backend):
     rms_normal = math.sqrt(np.mean(e[normal] ** 2))
     bulk = normal & (np.abs(e) <= rms_normal)
     sqnr = -20 * math.log10(got)
-    assert sqnr == pytest.approx(_sqnr(d[bulk], e[bulk]), abs=0.2)
+    assert sqnr == pytest.approx(_sqnr(d[bulk], e[bulk]), abs=0.05)
     if name != "fp8_tensor":
         assert sqnr == pytest.approx(_sqnr(d[normal], e[normal]), abs=1.5)
 
