@@ -38,13 +38,14 @@ def _hot_block(x, rng):
 def stacks(draw):
     """(recipe, x [C, 2, 128] float32; widths are whole blocks, as the chain's are): Gaussian rows at
     a random magnitude, and per row possibly outlier channels, zero stretches, values far below the
-    rest, a hot block, an inf or a NaN."""
+    rest, log-uniform magnitudes over 2^+-30 (qerr_bulk's clipping runs all its rounds), a hot
+    block, an inf or a NaN."""
     name = draw(st.sampled_from(SCALED_NAMES))
     c = draw(st.integers(1, 3))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.standard_normal((c, 2, 128)) * np.exp2(rng.uniform(-60, 60, (c, 1, 1)))
     for row in range(c):
-        kind = draw(st.sampled_from(["plain", "outliers", "zeros", "tiny", "hot_block", "inf", "nan"]))
+        kind = draw(st.sampled_from(["plain", "outliers", "zeros", "tiny", "wide", "hot_block", "inf", "nan"]))
         if kind == "outliers":
             x[row, :, rng.choice(128, 2, replace=False)] *= 1e4
         elif kind == "zeros":
@@ -52,6 +53,8 @@ def stacks(draw):
             x[row, 1] = 0.0
         elif kind == "tiny":
             x[row].flat[rng.random(256) < 0.3] *= 2.0**-40
+        elif kind == "wide":
+            x[row] = np.sign(x[row]) * np.exp2(rng.uniform(-30, 30, (2, 128)))
         elif kind == "hot_block":
             _hot_block(x[row], rng)
         elif kind in ("inf", "nan"):

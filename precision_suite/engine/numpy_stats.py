@@ -13,7 +13,8 @@ t = elem.eps * rms(x) (``significance_floor``):
     NaN (the scale left its format: such a block is NaN by design);
     saturated: the clamp to +-max_elem changed the code (``numpy_quantize.NpQuantized``);
     qerr = ||x' - x|| / ||x|| over the elements where both are finite (NaN when ||x|| = 0);
-    qerr_bulk: the same over the elements with |x| <= rms(x);
+    qerr_bulk: the same over the elements with |x| <= r*, the bulk's rms (``bulk_rms``: sigma
+    clipping at 4 r until the clipped set holds; outliers set rms(x), not r*);
     scale_log2_min / max: over the blocks whose scale is finite and nonzero (NaN where none).
 
 rms, mean, std, amax, amin_nonzero and the zero/inf/NaN fractions are those of x'.
@@ -29,7 +30,8 @@ from ..formats import Format
 from ..quantize import GEMM_STATS
 from ..stats import GRAD_EXTRA_STATS, STAT_NAMES
 
-__all__ = ["grad_extra_stats", "significance_floor", "tensor_stats", "layer_columns", "gemm_stats", "gemm_columns"]
+__all__ = ["grad_extra_stats", "significance_floor", "bulk_rms", "tensor_stats", "layer_columns", "gemm_stats",
+           "gemm_columns"]
 
 _I = {name: i for i, name in enumerate(STAT_NAMES)}
 
@@ -50,6 +52,29 @@ def significance_floor(exact: _np.ndarray, fmt: Format) -> float:
     if not e.size:
         return math.inf
     return fmt.eps * _rms(e, float(e.max()))
+
+
+def bulk_rms(exact: _np.ndarray) -> float:
+    """r*, the rms of the bulk of ``exact`` by sigma clipping, over its finite values (zeros
+    included), in float64:
+
+        r_0 = rms(x);  r_{k+1} = rms of the x with |x| <= 4 r_k;
+        stop when {|x| <= 4 r_k} no longer changes (at most 16 rounds): r* = the last r.
+
+    A few outlier channels set rms(x) but not r*: for N(0, 1) plus channels at 1e4, r* ~ 1.
+    inf when no value is finite (as ``significance_floor``)."""
+    a = _np.abs(_np.asarray(exact, dtype=_np.float64).ravel())
+    a = a[_np.isfinite(a)]
+    if not a.size:
+        return math.inf
+    r, kept = _rms(a, float(a.max())), a
+    for _ in range(16):
+        clipped = a[a <= 4 * r]
+        if clipped.size == kept.size:  # the same set: the sets only shrink
+            break
+        kept = clipped
+        r = _rms(kept, float(kept.max()))
+    return r
 
 
 def _value_stats(out: _np.ndarray, values: _np.ndarray) -> tuple[_np.ndarray, _np.ndarray]:
@@ -151,8 +176,7 @@ def gemm_stats(exact: _np.ndarray, quant, nonfinite_block: _np.ndarray) -> _np.n
     out[_I["nan_frac"]] = _np.count_nonzero(_np.isnan(d)) / n
     out[_I["saturated_frac"]] = _np.count_nonzero(quant.saturated) / n
     finite = _np.isfinite(d) & _np.isfinite(e)
-    ae = _np.abs(e[_np.isfinite(e)])
-    bulk = finite & (_np.abs(e) <= (_rms(ae, float(ae.max())) if ae.size else math.nan))
+    bulk = finite & (_np.abs(e) <= bulk_rms(e))
     s = quant.scale.astype(_np.float64).ravel()
     log2s = _np.log2(s[_np.isfinite(s) & (s != 0)])
     g = len(STAT_NAMES)

@@ -12,7 +12,9 @@ values (zeros included; no finite value: t = inf):
     saturated_frac  the scale rule clipped the element (``Quantized.clipped``: |x / scale| past elem's T_of), x' finite
     overflow_frac   x' inf or NaN, x finite, and no inf/NaN in x's block (its scale left its format)
     qerr            ||x' - x|| / ||x|| over the elements where both are finite (NaN where ||x|| = 0)
-    qerr_bulk       the same over the elements with |x| <= rms(x)
+    qerr_bulk       the same over the elements with |x| <= r*, the bulk's rms (``bulk_rms``):
+                    r_0 = rms(x), r_{k+1} = rms of the x with |x| <= 4 r_k, r* the last r once that
+                    set stops changing (at most 16 rounds): outliers set rms(x), not r*
     scale_log2_min/max   min/max log2(scale) over the blocks with a finite, nonzero scale (NaN: none)
 
 Every reduction is per row (case), so a case's numbers do not depend on the cases stacked with it.
@@ -28,7 +30,7 @@ from ..quantize import GEMM_STATS, Quantized
 from ..stats import STAT_NAMES
 from .torch_stats import _amin_nonzero, _count_below, _exact_rms, _moments, host
 
-__all__ = ["QSTAT_NAMES", "quantized_stats", "QuantizedTable"]
+__all__ = ["QSTAT_NAMES", "quantized_stats", "bulk_rms", "QuantizedTable"]
 
 QSTAT_NAMES = STAT_NAMES + GEMM_STATS
 _I = {name: i for i, name in enumerate(QSTAT_NAMES)}
@@ -100,8 +102,63 @@ def quantized_stats(exact, qt: Quantized, scaling, role: str):
         rows = _np.flatnonzero(~finite)
         clipped[rows] = _count(_rows(qt.clipped.reshape(c, -1), rows), torch.isfinite(_rows(d, rows)))
     out[:, _I["saturated_frac"]] = clipped / n
-    out[:, [_I["qerr"], _I["qerr_bulk"]]] = _qerr(e, d, e_abs, rms_e, finite)
+    r_bulk = bulk_rms(e_abs, rms_e, _np.isfinite(e_amax))
+    out[:, [_I["qerr"], _I["qerr_bulk"]]] = _qerr(e, d, e_abs, r_bulk, finite)
     return out
+
+
+BULK_CLIP = 4.0  # the bulk's clipping radius, in units of its own rms
+BULK_ROUNDS = 16  # at most this many clipping rounds
+
+
+def bulk_rms(e_abs, rms_e: _np.ndarray | None = None, finite_rows: _np.ndarray | None = None) -> _np.ndarray:
+    """Per row of |x| (fp32 [C, n]), r* = the rms of the bulk, by sigma clipping over the finite
+    values (zeros included), in float64:
+
+        r_0 = rms(x) (``rms_e``);  r_{k+1} = rms of the x with |x| <= 4 r_k;
+        stop when {|x| <= 4 r_k} is the set r_k came from (at most 16 rounds): r* = the last r.
+
+    The sets shrink (what a round removes lies above 4 r_k > r_k, so r_{k+1} <= r_k), so a set is
+    unchanged exactly when its count is. Rows with no finite value (r_0 = inf) or none nonzero
+    (r_0 = 0) keep r_0. ``rms_e``, ``finite_rows``: r_0 and whether every x of a row is finite, if
+    known.
+
+    Each round works on the magnitudes' bit patterns (nonnegative floats order as their bits): an
+    integer 0/1 mask of |x| <= 4 r, its count, and for the rows whose set changed the mask times
+    the bits, which are the kept |x| and +0, for the float64 sum of squares. A row that has
+    converged leaves the loop. Every decision is the row's own: a row's r* is the same alone and
+    stacked."""
+    import torch
+
+    c, n = e_abs.shape
+    if finite_rows is None:
+        [amax] = host(e_abs.amax(dim=1))
+        finite_rows = _np.isfinite(amax)
+    r = (_exact_rms(e_abs) if rms_e is None else rms_e).copy()
+    a, outside = e_abs, _np.zeros(c)  # outside: the non-finite elements, zeroed in `a` below
+    if not finite_rows.all():  # zeroed, they add nothing to a sum and pass every |x| <= c
+        ok = torch.isfinite(e_abs)
+        a = torch.where(ok, e_abs, 0.0)
+        [outside] = host(n - ok.sum(dim=1))
+    count = _np.full(c, float(n))  # |set| + outside, of the set r came from
+    active = _np.flatnonzero(_np.isfinite(r) & (r > 0))
+    if not active.size:
+        return r
+    bits = _rows(a, active).view(torch.int32)
+    for _ in range(BULK_ROUNDS):
+        inside = (_just_above(BULK_CLIP * r[active], bits.device).view(torch.int32) - bits).clamp_(0, 1)
+        [kept] = host(inside.sum(dim=1, dtype=torch.int32))  # inside: |x| <= 4 r as int 0/1
+        moved = kept != count[active]
+        if not moved.all():  # the rows whose set held leave the loop with their r
+            if not moved.any():
+                break
+            index = torch.from_numpy(_np.flatnonzero(moved)).to(bits.device)
+            active, bits, inside, kept = active[moved], bits[index], inside[index], kept[moved]
+        inside = inside.mul_(bits).view(torch.float32)  # the bit patterns of |x| inside, +0 outside
+        [norm] = host(torch.linalg.vector_norm(inside, dim=1, dtype=torch.float64))
+        r[active] = norm / _np.sqrt(kept - outside[active])
+        count[active] = kept
+    return r
 
 
 _SLACK = 1 + 2.0**-20  # the scale and x * (1 / scale) are rounded: a few fp32 ulps of room
@@ -137,6 +194,22 @@ def _scale_bounds(scale) -> tuple:
     return lo, hi, zero > 0
 
 
+def _just_above(values: _np.ndarray, device):
+    """Per-row float64 bounds as a [rows, 1] fp32 column ``above`` such that, for fp32 |x| >= 0,
+    ``|x| < above`` (and, on bit patterns, ``bits(|x|) < bits(above)``) means ``|x| <= value``:
+    the next fp32 after the largest fp32 <= value (a bound past fp32's max: inf, every finite
+    |x| passes). The fp32 difference ``above - |x|`` of two distinct values is never zero, so
+    ``sign(above - |x|)`` clamped at 0 is the mask."""
+    import torch
+
+    with _np.errstate(over="ignore"):  # past fp32's max: inf, stepped back down to max, then up to inf
+        col = values.astype(_np.float32)
+        down = col.astype(_np.float64) > values
+        col[down] = _np.nextafter(col[down], _np.float32(-_np.inf))
+        above = _np.nextafter(col, _np.float32(_np.inf))
+    return torch.from_numpy(above).to(device)[:, None]
+
+
 def _row_column(values: _np.ndarray, device):
     """Per-row float64 thresholds as a [rows, 1] fp32 column, each rounded up to the next fp32 so
     that ``|x| >= column`` in fp32 means ``|x| >= value`` (inf stays inf: nothing passes)."""
@@ -148,10 +221,11 @@ def _row_column(values: _np.ndarray, device):
     return torch.from_numpy(col).to(device)[:, None]
 
 
-def _qerr(e, d, e_abs, rms_e: _np.ndarray, finite: _np.ndarray) -> _np.ndarray:
-    """[C, 2]: qerr and qerr_bulk, norms accumulated in float64. Rows with an inf/NaN count only the
-    elements where x and x' are finite (zeroed; a finite row's values are untouched, so its numbers
-    are the same alone and stacked). ``e_abs`` is overwritten (its last use)."""
+def _qerr(e, d, e_abs, r_bulk: _np.ndarray, finite: _np.ndarray) -> _np.ndarray:
+    """[C, 2]: qerr and qerr_bulk (over |x| <= ``r_bulk``), norms accumulated in float64. Rows with
+    an inf/NaN count only the elements where x and x' are finite (zeroed; a finite row's values are
+    untouched, so its numbers are the same alone and stacked). ``e_abs`` is overwritten (its last
+    use)."""
     import torch
 
     if not finite.all():
@@ -162,11 +236,7 @@ def _qerr(e, d, e_abs, rms_e: _np.ndarray, finite: _np.ndarray) -> _np.ndarray:
     diff = d - e
     num, den = host(torch.linalg.vector_norm(diff, dim=1, dtype=torch.float64),
                     torch.linalg.vector_norm(e, dim=1, dtype=torch.float64))
-    # the bulk |x| <= rms(x) as a 0/1 float mask: |x| <= c  <=>  next(c) - |x| > 0 (the fp32
-    # difference of two distinct values is never zero)
-    col = _row_column(rms_e, "cpu").numpy()
-    above = torch.from_numpy(_np.nextafter(col, _np.float32(_np.inf))).to(e.device)
-    bulk = (above - e_abs).sign_().clamp_(min=0)
+    bulk = (_just_above(r_bulk, e.device) - e_abs).sign_().clamp_(min=0)  # |x| <= r* as 0/1
     num_b, den_b = host(torch.linalg.vector_norm(diff.mul_(bulk), dim=1, dtype=torch.float64),
                         torch.linalg.vector_norm(e_abs.mul_(bulk), dim=1, dtype=torch.float64))
     with _np.errstate(divide="ignore", invalid="ignore"):

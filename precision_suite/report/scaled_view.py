@@ -8,8 +8,9 @@ module turns them into what a user comparing fp8/fp4 recipes reads:
 
       SQNR = -20 log10(qerr)  dB        (qerr 0.1 -> 20 dB; qerr 0, exact, and NaN -> no point)
 
-  of all elements and of the bulk (``qerr_bulk``: |x| <= rms), the flushed and saturated fractions,
-  and the scales' log2 range against the scale format's range (charts ``q``, ``qf``, ``qs``);
+  of all elements and of the bulk (``qerr_bulk``: |x| <= r*, the rms without the outliers), the
+  flushed and saturated fractions, and the scales' log2 range against the scale format's range
+  (charts ``q``, ``qf``, ``qs``);
 - per init and input, every recipe of the run: its failure, ``first_flush`` and SQNR at a few layers
   (a table), and the bulk SQNR of ``gemm_in`` over depth with one line per recipe (a chart).
 
