@@ -94,7 +94,7 @@ class _Spares:
         if count <= 0:
             return
         ctx = multiprocessing.get_context("spawn")
-        if self.results is None:
+        if not self.waiting:  # a queue of its own for each prestarted block (none outlives one)
             self.results = ctx.Queue()
         for _ in range(count):
             wid, tasks = len(self.waiting), ctx.SimpleQueue()
@@ -107,18 +107,27 @@ class _Spares:
         """(result queue, [(process, task queue)]) of up to ``count`` spares, now adopted with their
         queue (the adopting pool closes it); spares beyond ``count`` are not needed and end."""
         taken, self.waiting = self.waiting[:count], self.waiting[count:]
-        results = self.results
-        self.stop()
-        self.results = None
+        results = self.results if taken else None
+        self._end(self.waiting)
+        if not taken:
+            self.stop()
+        self.waiting, self.results = [], None
         return results, taken
 
     def stop(self) -> None:
-        """Spares no run adopted (a run that stayed in one process): ended at once, mid-import or idle."""
-        for proc, _ in self.waiting:
+        """Spares no run adopted (a run that stayed in one process): ended at once, mid-import or
+        idle, with their queue."""
+        self._end(self.waiting)
+        if self.results is not None:
+            self.results.close()
+        self.waiting, self.results = [], None
+
+    @staticmethod
+    def _end(spares: list) -> None:
+        for proc, _ in spares:
             proc.terminate()
-        for proc, _ in self.waiting:
+        for proc, _ in spares:
             proc.join()
-        self.waiting = []
 
 
 _SPARES = _Spares()
