@@ -84,7 +84,8 @@ def uninterrupted(tmp_path_factory):
     ("case:1", 1, 1),            # mid-unit: the first of a stack's three cases is journaled
     ("case:8", 1, 8),            # mid-unit, two units and two cases in
     ("torn:5", 1, 2),            # the third case's line is half written (header, environment, case, case, torn)
-    ("unit:3", 2, None),         # this process starts its third unit while a worker is mid-unit
+    ("case:5", 2, 5),            # two processes: the fifth case journaled while both run units (how many
+                                 # units each has started depends on when the worker is ready: not pinned)
     ("final-write", 1, TOTAL),   # every case journaled, the results file not written yet
     ("results-written", 1, TOTAL),  # results written, the journal not yet removed
 ])

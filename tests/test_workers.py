@@ -161,7 +161,13 @@ def test_ctrl_c_on_the_command_line_keeps_finished_cases_and_leaves_no_process(t
     assert proc.wait(timeout=60) == 130, rest
     kept = {c["id"] for c in json.loads((tmp_path / "results.json").read_text())["cases"]}
     assert set(finished) <= kept and len(kept) < 24
-    group = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(proc.pid)], capture_output=True, text=True)
-    alive = [line for line in group.stdout.splitlines() if line.split()[1][0] != "Z"]  # zombies have exited
+    deadline = time.monotonic() + 3  # a process already exiting ("R [python]", its memory being freed) may take a moment
+    while True:
+        group = subprocess.run(["ps", "-o", "pid=,stat=,ppid=,etimes=,comm=,args=", "-g", str(proc.pid)],
+                               capture_output=True, text=True)
+        alive = [line for line in group.stdout.splitlines() if line.split()[1][0] != "Z"]  # zombies have exited
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert not alive, f"processes left in the run's group: {alive}"
 
