@@ -210,6 +210,7 @@ def _cmd_run(args) -> int:
 
 
 def _run(options: dict, args) -> int:
+    from .environment import check_parallel
     from .spec import Matrix, SpecError
 
     out = Path(options.get("out", OUT))
@@ -218,8 +219,8 @@ def _run(options: dict, args) -> int:
     _check_outputs(("--json", json_path), ("--html", html_path))
     fail_on = _parse_fail_on(options.get("fail_on", []))
     for key in ("threads", "jobs"):
-        if options.get(key) is not None and not (isinstance(options[key], int) and options[key] >= 1):
-            raise UsageError(f"--{key} must be a positive integer, got {options[key]!r}")
+        if options.get(key) is not None and (why := check_parallel(f"--{key}", options[key])):
+            raise UsageError(why)
     matrix_keys = set(_LIST_AXES) | {"residual", "bias", "underflow_threshold", "loss_scale"}
     try:
         matrix = Matrix.from_options(**{k: v for k, v in options.items() if k in matrix_keys})

@@ -9,7 +9,7 @@ import sys
 
 from .defaults import THREADS
 
-__all__ = ["fingerprint", "flatten", "flush_denormal_enabled", "resolve_threads"]
+__all__ = ["fingerprint", "flatten", "flush_denormal_enabled", "resolve_threads", "parallel_limit", "check_parallel"]
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -18,6 +18,22 @@ def resolve_threads(threads: int | None) -> int:
     if threads is None:
         threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else THREADS
     return max(1, threads)
+
+
+def parallel_limit() -> int:
+    """The most threads (per process) or processes a run may ask for: the CPUs this process may
+    run on, and two on a one-CPU machine so that runs can still be compared across --jobs 1/2.
+    More only spin-wait and, for processes, cost ~230 MB each (torch imported)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(2, cpus)
+
+
+def check_parallel(name: str, value) -> str | None:
+    """What is wrong with ``value`` as a count of threads or processes (None: nothing)."""
+    limit = parallel_limit()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        return f"{name} must be an integer from 1 to {limit} (the CPUs here), got {value!r}"
+    return None
 
 
 def flush_denormal_enabled() -> bool:

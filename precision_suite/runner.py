@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .environment import fingerprint, resolve_threads
+from .environment import check_parallel, fingerprint, resolve_threads
 from .formats import get_format
 from .keywords import strict_keywords
 from .results import CaseResult, Results, write_json_atomic
@@ -271,8 +271,8 @@ def _check_run_options(*, backward, rel_error, resume, json_path, threads, jobs)
         if not isinstance(value, bool):
             raise SpecError(f"run_matrix: {name} must be True or False, got {value!r}")
     for name, value in (("threads", threads), ("jobs", jobs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise SpecError(f"run_matrix: {name} must be a positive integer or None, got {value!r}")
+        if value is not None and (why := check_parallel(name, value)):
+            raise SpecError(f"run_matrix: {why} (or None)")
     if json_path is not None and not isinstance(json_path, (str, os.PathLike)):
         raise SpecError(f"run_matrix: json_path must be a str or os.PathLike, got {type(json_path).__name__}")
 

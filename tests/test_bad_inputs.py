@@ -17,9 +17,11 @@ from precision_suite import (Case, CaseResult, Matrix, Results, SpecError, get_f
 from precision_suite.cli import main
 from precision_suite.compare import CompareError, Tolerances, compare
 from precision_suite.config import ConfigError
+from precision_suite.environment import parallel_limit
 from precision_suite.report import render_report, write_report
 from precision_suite.results import ResultsError
 
+CPUS = parallel_limit()
 TINY = ["--inits", "normal", "--activations", "relu", "--formats", "fp16", "--depth", "3", "--width", "8",
         "--batch", "2"]
 
@@ -80,8 +82,10 @@ CLI = [
     ("residual", {}, ["run", "--residual", "nan"], "--residual must be finite, got nan"),
     ("residual-type", {}, ["run", "--residual", "x"], "argument --residual: invalid float value: 'x'"),
     ("fail-on", {}, ["run", "--fail-on", "explode"], "--fail-on: unknown event 'explode'; valid: overflow, nan"),
-    ("jobs", {}, ["run", "--jobs", "0"], "--jobs must be a positive integer, got 0"),
-    ("threads", {}, ["run", "--threads", "0"], "--threads must be a positive integer, got 0"),
+    ("jobs", {}, ["run", "--jobs", "0"], f"--jobs must be an integer from 1 to {CPUS} (the CPUs here), got 0"),
+    ("threads", {}, ["run", "--threads", "0"], f"--threads must be an integer from 1 to {CPUS} (the CPUs here), got 0"),
+    ("threads-many", {}, ["run", "--threads", str(CPUS + 1)], f"--threads must be an integer from 1 to {CPUS}"),
+    ("jobs-many", {}, ["run", "--jobs", "100000"], f"--jobs must be an integer from 1 to {CPUS}"),
     ("flag", {}, ["run", "--widht", "3"], "unrecognized arguments: --widht"),
     ("memory", {}, ["run", "--width", "8192", "--depth", "100000"], "GiB available"),
     ("baseline", {}, ["run", *TINY, "--baseline", "missing.json"], "results file not found: missing.json"),
@@ -195,9 +199,11 @@ API = [
     ("run_matrix-empty", lambda: run_matrix(inits=[]), SpecError, "--inits is an empty list"),
     ("run_matrix-bias", lambda: run_matrix(bias="yes"), SpecError, "--bias must be True or False, got 'yes'"),
     ("run_matrix-jobs", lambda: run_matrix(inits="normal", jobs=0), SpecError,
-     "run_matrix: jobs must be a positive integer or None, got 0"),
+     f"run_matrix: jobs must be an integer from 1 to {CPUS} (the CPUs here), got 0 (or None)"),
     ("run_matrix-threads", lambda: run_matrix(inits="normal", threads="2"), SpecError,
-     "run_matrix: threads must be a positive integer or None, got '2'"),
+     f"run_matrix: threads must be an integer from 1 to {CPUS} (the CPUs here), got '2' (or None)"),
+    ("run_matrix-threads-many", lambda: run_matrix(inits="normal", threads=CPUS + 1), SpecError,
+     f"run_matrix: threads must be an integer from 1 to {CPUS}"),
     ("run_matrix-backward", lambda: run_matrix(inits="normal", backward="no"), SpecError,
      "run_matrix: backward must be True or False, got 'no'"),
     ("run_matrix-json_path", lambda: run_matrix(inits="normal", json_path=3), SpecError,

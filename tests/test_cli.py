@@ -52,7 +52,7 @@ def test_summary_row_shows_a_scaled_formats_flush_warning(tmp_path, capsys):
     (["--residual", "x"], "invalid float value"),
     (["--width", "60000", "--batch", "60000"], "elements per tensor"),
     (["--width", "8192", "--depth", "100000"], "GiB"),
-    (["--jobs", "0"], "--jobs must be a positive integer, got 0"),
+    (["--jobs", "0"], "--jobs must be an integer from 1 to"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, needle):
     code = main(["run", *args, "--out", str(tmp_path / "out")])
