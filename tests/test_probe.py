@@ -423,6 +423,68 @@ def test_an_input_already_past_the_range_is_named_as_the_overflow_site():
     assert _site(kw, "first_overflow")["name"] == "(input):kwargs['input']"
 
 
+@pytest.mark.parametrize("mode", ["emulated", "autocast", "native"])
+def test_a_parameter_already_past_the_range_is_named_where_it_is_first_used(mode):
+    """fp16, one weight of the second Linear planted at 1e5: the format cannot hold it, so it is the
+    overflow site, as the layer ``(param):2.weight`` just before ``2:addmm`` consumes it (its value,
+    its headroom log2(T_of / 1e5)); the addmm inherits the inf and is no overflow. In bf16 the
+    weight fits: no such layer, no failure, and the other layers' names are unchanged."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    planted = 1e5
+    with torch.no_grad():
+        model[2].weight[3, 5] = -planted
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    fp16, bf16 = probe(model, x, formats=("fp16", "bf16"), modes=mode).cases
+    names = fp16.probe["layer_names"]
+    at = names.index("(param):2.weight") + 1
+    assert names[at] == "2:addmm" and [n for n in names if n.startswith("(param)")] == ["(param):2.weight"]
+    site = _site(fp16, "first_overflow")
+    fi = np.finfo(np.float16)
+    t_of = float(fi.max) + float(fi.eps) * 2.0 ** (fi.maxexp - 1) / 2  # max + half an ulp at max
+    assert (site["layer"], site["name"], site["value"]) == (at, "(param):2.weight", -planted)
+    assert site["headroom_bits"] == pytest.approx(math.log2(t_of / planted))
+    assert fp16.failure == {"direction": "forward", "layer": at, "kind": "overflow"}
+    assert _site(fp16, "first_nonfinite")["layer"] == at
+    assert fp16.forward.pre["overflow_frac"][at] == 0  # the addmm made no overflow: it inherited one
+    assert fp16.probe["least_headroom"]["layer"] == at
+    assert bf16.failure is None and names[:at - 1] + names[at:] == bf16.probe["layer_names"]
+    assert float(model[2].weight[3, 5].detach()) == -planted  # the caller's model is left alone
+
+
+@pytest.mark.parametrize("mode", ["emulated", "native"])
+def test_a_buffer_past_the_range_is_named_too(mode):
+    """Batch norm's running_var at 1e6 in fp16 (eval mode): the consuming op divides by sqrt(inf) and
+    makes no inf at all, so without the buffer's own layer nothing would fail."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_var[2] = 1e6
+    r = probe(model, torch.randn(2, 3, 8, 8), formats="fp16", modes=mode, backward=False).cases[0]
+    site = _site(r, "first_overflow")
+    assert (site["name"], site["value"]) == ("(buffer):1.running_var", 1e6)
+    assert r.probe["layer_names"][site["layer"]].startswith("1:") and r.failure["layer"] == site["layer"]
+
+
+def test_watch_emulated_rounds_the_parameters_and_inputs_for_the_block_and_restores_them():
+    """Inside the block every weight the model computes with is its fp16 rounding (numpy's cast),
+    the input is a layer of its own; after it, the user's parameters are bit-identical to before."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    seen = {}
+    model[2].register_forward_pre_hook(lambda mod, args: seen.update(w=mod.weight.detach().clone()))
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2)) / 3
+    with watch(model, "fp16", "emulated") as w:
+        model(x).square().sum().backward()
+    r = w.result()
+    want = before["2.weight"].numpy().astype(np.float16).astype(np.float32)
+    assert np.array_equal(seen["w"].numpy(), want) and not np.array_equal(want, before["2.weight"].numpy())
+    assert r.probe["layer_names"][0] == "(input):args[0]"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model[0].weight.grad is not None
+
+
 def test_bf16_overflowing_fp32_itself_is_an_overflow():
     """bf16's range is fp32's: an op whose fp32 result is inf from finite inputs overflowed (its exact
     value is past T_of); it is the overflow site, at -inf bits, not a NaN further on."""

@@ -9,6 +9,13 @@
   operands for the exact value and judged against that format, an fp32 output against fp32
   (its own value is its exact value: only inf/NaN show there). Gradients are observed as they are.
 
+Parameters and floating buffers: emulated rounds them to the format on entry (``enter_params``,
+restored on exit: a watched model is the user's own), native casts them with the model, autocast
+casts them per op. One whose finite value is past the format's range turns inf (NaN) there, made
+by no op of the model: it becomes a layer of its own, ``(param):fc1.weight`` or
+``(buffer):bn.running_var``, recorded just before the first op that consumes it, so the overflow
+is named at the parameter as it is at an input. Layer numbers of other models do not change.
+
 Backward statistics are keyed to forward layers: a hook on each layer's output receives the
 gradient w.r.t. it (registered at the next op, once autograd has attached the output's history),
 and a hook on each parameter the gradient w.r.t. it, keyed to the first layer that consumed it.
@@ -29,9 +36,9 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..formats import FORMATS, Format
 from .ops import float_tensors, is_layer, leaves, op_kind, scalars_finite
 from .record import Recorder
-from .tracker import INPUT
+from .tracker import BUFFER, INPUT, PARAM
 
-__all__ = ["Observer", "round_tensor", "unobserved"]
+__all__ = ["Observer", "round_tensor", "unobserved", "past_range", "entry_label"]
 
 _DTYPE_FORMAT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                  "float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
@@ -43,6 +50,18 @@ def round_tensor(x, fmt: Format):
     the format has none (torch's fp8_e4m3fn cast saturates instead)."""
     r = x.to(fmt.torch_dtype()).to(x.dtype)
     return r if fmt.has_inf else torch.where(fmt.overflows(x.abs()), torch.nan, r)
+
+
+def past_range(exact, rounded) -> bool:
+    """Some finite element of ``exact`` is inf or NaN in ``rounded``: it was past the format's range."""
+    if exact.dtype == rounded.dtype and exact.data_ptr() == rounded.data_ptr():
+        return False
+    return bool((torch.isfinite(exact) & ~torch.isfinite(rounded.to(exact.dtype))).any())
+
+
+def entry_label(name: str, is_parameter: bool) -> str:
+    """The layer name of a parameter or buffer past the range: ``(param):fc1.weight``."""
+    return f"{PARAM if is_parameter else BUFFER}:{name}"
 
 
 @contextlib.contextmanager
@@ -63,18 +82,63 @@ def _format_of(dtype) -> Format:
 class Observer(TorchDispatchMode):
     """Rounds (emulated) or observes (autocast, native) every op; records layers in ``recorder``."""
 
-    def __init__(self, recorder: Recorder, modules, fmt: Format, emulated: bool, backward: bool, params=()):
+    def __init__(self, recorder: Recorder, modules, fmt: Format, emulated: bool, backward: bool, model=None):
         super().__init__()
         self.rec, self.modules, self.fmt = recorder, modules, fmt
         self.emulated, self.backward = emulated, backward
         self.exact_of = WeakTensorKeyDictionary()  # backward: rounded gradient -> its exact value
         self.finite_of = WeakTensorKeyDictionary()  # forward: tensor -> holds no inf/NaN
         self.origin = WeakTensorKeyDictionary()  # tensor -> the parameters it is a view of
-        for p in params:
+        self.param_name: dict[int, str] = {}  # id(param) -> its name in model.named_parameters()
+        for name, p in (model.named_parameters() if model is not None else ()):
             self.origin[p] = (p,)
+            self.param_name[id(p)] = name
+        self.past_range = WeakTensorKeyDictionary()  # tensor -> (label, exact, rounded): see mark_past_range
+        self.entered: set[str] = set()  # the labels of past-range parameters already recorded as layers
         self.param_layer: dict[int, tuple] = {}  # id(param) -> (layer, param)
         self.pending: list = []  # (output, layer): hooks to register once autograd has seen it
         self.handles: list = []
+        self.saved: list = []  # (tensor, its value before enter_params rounded it)
+
+    # ---- the model's parameters and buffers ----
+
+    def enter_params(self, model) -> None:
+        """Emulated: round every floating parameter and buffer to the format in place (the exact
+        values are kept for ``restore_params``); one past the range is marked (``mark_past_range``)."""
+        params = {id(p) for p in model.parameters()}
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if not t.is_floating_point():
+                    continue
+                exact = t.detach().clone()
+                t.copy_(round_tensor(exact, self.fmt))
+                self.saved.append((t, exact))
+                if past_range(exact, t):
+                    self.mark_past_range(t, entry_label(name, id(t) in params), exact)
+
+    def restore_params(self) -> None:
+        with torch.no_grad():
+            for t, exact in self.saved:
+                t.copy_(exact)
+        self.saved.clear()
+
+    def mark_past_range(self, t, label: str, exact) -> None:
+        """``t`` (a parameter, buffer or autocast's cast of one) holds inf/NaN only because finite
+        values of ``exact`` (its value before rounding) were past the format's range."""
+        self.past_range[t] = (label, exact.detach(), t.detach())
+        self.finite_of[t] = False  # an op consuming it inherits the inf: it made none
+
+    def _enter_past_range(self, inputs: list) -> None:
+        """Record each past-range parameter among an op's inputs as a layer, the first time one is
+        consumed: judged as a correct rounding of its exact value, like an input on entry."""
+        for t in inputs:
+            if t in self.past_range and self.past_range[t][0] not in self.entered:
+                label, exact, rounded = self.past_range[t]
+                self.entered.add(label)
+                module, name = label.split(":", 1)
+                with unobserved(exact.device.type):
+                    self.rec.add_layer(module, name, exact, rounded, self.fmt if self.emulated else
+                                       _format_of(rounded.dtype), native=False, inputs_finite=True)
 
     # ---- the model's inputs ----
 
@@ -156,13 +220,13 @@ class Observer(TorchDispatchMode):
                                       f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
         # autocast's cast of a parameter is bookkeeping: the op consuming the weight is the layer
         if not is_layer(kind, inputs, out) or (kind == "cast" and inputs[0] in self.origin):
-            self._pass_through(func, args, kwargs, out, in_backward, flat, inputs)
+            self._pass_through(func, args, kwargs, out, in_backward, flat, inputs, kind)
             return out
         if in_backward:
             return self._round_gradients(out, inplace) if self.emulated else out
         return self._forward_layer(func, args, kwargs, out, snapshot, kind, inplace, name, flat, inputs)
 
-    def _pass_through(self, func, args, kwargs, out, in_backward: bool, flat: list, inputs: list) -> None:
+    def _pass_through(self, func, args, kwargs, out, in_backward: bool, flat: list, inputs: list, kind: str) -> None:
         """A view, copy or constant: its output inherits what is known of its inputs."""
         if not isinstance(out, torch.Tensor):
             return
@@ -175,6 +239,11 @@ class Observer(TorchDispatchMode):
         origins = tuple(p for t in inputs for p in self.origin.get(t, ()))
         if origins:
             self.origin[out] = origins
+        past = next((self.past_range[t] for t in inputs if t in self.past_range), None)
+        if past is not None:  # a view of a past-range parameter is one too
+            self.past_range[out] = past
+        elif kind == "cast" and origins and past_range(inputs[0], out):  # autocast's cast of a parameter
+            self.mark_past_range(out, entry_label(self.param_name.get(id(origins[0]), "?"), True), inputs[0])
 
     def _finite(self, t) -> bool:
         known = self.finite_of.get(t)
@@ -211,6 +280,8 @@ class Observer(TorchDispatchMode):
         else:
             fmt = _format_of(first.dtype)
             exact, rounded = self._exact(func, args, kwargs, first, snapshot, kind), first
+        if self.past_range:
+            self._enter_past_range(inputs)
         layer = self.rec.add_layer(self.modules.current, name, exact, rounded, fmt,
                                    native=not self.emulated, inputs_finite=inputs_finite)
         self.finite_of[rounded] = not self.rec.nonfinite[-1]

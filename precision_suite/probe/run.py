@@ -4,8 +4,8 @@
 A case copies the model (the caller's model and its gradients are left alone), puts it in eval
 mode and runs forward and backward under the ``Observer``:
 
-    emulated   params and float inputs rounded to the format on entry, the model in the wide
-               precision (fp32), every op's output rounded; SDPBackend.MATH and no MHA fast
+    emulated   params, buffers and float inputs rounded to the format on entry, the model in the
+               wide precision (fp32), every op's output rounded; SDPBackend.MATH and no MHA fast
                path, so attention's score matmul and softmax are ops of their own
     autocast   torch.autocast(device_type, dtype), fp32 master weights (AMP as in training)
     native     model.to(dtype) and float inputs cast
@@ -29,7 +29,7 @@ from ..keywords import strict_keywords
 from ..loss_scale import loss_scale_advice
 from ..results import BackwardResult, CaseResult, ForwardResult, Results
 from .case import PROBE_MODES, ProbeCase, ProbeError
-from .observer import Observer, round_tensor, unobserved
+from .observer import Observer, entry_label, past_range, unobserved
 from .record import Recorder
 from .tracker import INPUT, ModuleStack
 
@@ -75,9 +75,10 @@ def check_model(model, example_inputs) -> None:
 
 
 def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
-    """The case's copy of the model (emulated: its parameters rounded to the format; native: cast)
-    and its inputs on the device, floating ones in the wide precision: emulated and native round
-    them on entry (``Observer.enter_inputs``), autocast takes them as they are."""
+    """The case's copy of the model (emulated: in the wide precision, ``Watch`` rounds its
+    parameters on entry; native: cast) and its inputs on the device, floating ones in the wide
+    precision: emulated and native round them on entry (``Observer.enter_inputs``), autocast takes
+    them as they are."""
     m = copy.deepcopy(model).to(device).eval()
     wide = fmt.wide().torch_dtype()
     dtype = wide if mode == "emulated" else fmt.torch_dtype() if mode == "native" else None
@@ -90,12 +91,8 @@ def _prepare(model, args, kwargs, fmt, mode: str, device: str, backward: bool):
             return t.to(wide)
         return t.requires_grad_(backward)
 
-    with torch.no_grad():
-        if dtype is not None:
-            m.to(dtype)
-        if mode == "emulated":
-            for p in m.parameters():
-                p.copy_(round_tensor(p, fmt))
+    if dtype is not None:
+        m.to(dtype)
     from torch.utils._pytree import tree_map
 
     return m, tree_map(cast, args), tree_map(cast, kwargs)
@@ -136,7 +133,11 @@ def _mode_context(mode: str, device: str, fmt):
 
 class Watch:
     """Records the ops of ``model`` and of whatever runs inside the block (the user's loss, the
-    backward pass) into one case: ``with watch(model, "fp16") as w: ...; w.result()``."""
+    backward pass) into one case: ``with watch(model, "fp16") as w: ...; w.result()``.
+
+    emulated: the model's parameters and buffers are rounded to the format for the block and
+    restored after it; emulated and native: its floating inputs are rounded (cast) on entry to
+    its forward, each a layer of its own (gradients stop at the rounded copy)."""
 
     def __init__(self, model, format: str = "fp16", mode: str = "autocast", *, device: str | None = None,
                  underflow_threshold: float = 0.01, loss_scale: float = 1.0, model_name: str | None = None,
@@ -151,17 +152,28 @@ class Watch:
         self.recorder = Recorder(self.fmt, underflow_threshold, stats=stats)
         self.modules = ModuleStack(model)
         self.observer = Observer(self.recorder, self.modules, self.fmt, emulated=self.mode == "emulated",
-                                 backward=backward, params=list(model.parameters()))
+                                 backward=backward, model=model)
         self._stack = contextlib.ExitStack()
         self._t0 = 0.0
         self.seconds = 0.0
 
     def __enter__(self) -> "Watch":
         self._t0 = time.perf_counter()
+        if self.mode == "emulated":
+            self.observer.enter_params(self.model)
+            self._stack.callback(self.observer.restore_params)
+        if self.mode != "autocast":
+            handle = self.model.register_forward_pre_hook(self._enter_inputs, with_kwargs=True)
+            self._stack.callback(handle.remove)
         self._stack.enter_context(self.modules)
         self._stack.enter_context(_mode_context(self.mode, self.device, self.fmt))
         self._stack.enter_context(self.observer)
         return self
+
+    def _enter_inputs(self, module, args, kwargs):
+        """The forward pre-hook that rounds the model's inputs (``Observer.enter_inputs``)."""
+        with unobserved(torch.device(self.device).type):
+            return self.observer.enter_inputs(args, kwargs)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -248,6 +260,8 @@ def probe_case(model, example_inputs, fmt_name: str, mode: str, *, backward: boo
     m, args, kwargs = prepare(model, example_inputs, fmt, mode, device, backward)
     w = Watch(m, fmt.name, mode, device=device, underflow_threshold=underflow_threshold, loss_scale=loss_scale,
               model_name=model_name or type(model).__name__, backward=backward, input_shape=_shape_label(args))
+    if mode == "native":  # the cast lost the values past the range: they are the caller's model's
+        _mark_past_range(w.observer, model, m)
     step(w, args, kwargs, seed=seed, loss_fn=loss_fn)
     result = w.result()
     from dataclasses import replace
@@ -261,11 +275,19 @@ def prepare(model, example_inputs, fmt, mode: str, device: str, backward: bool):
     return _prepare(model, args, kwargs, fmt, mode, device, backward)
 
 
+def _mark_past_range(observer: Observer, model, cast) -> None:
+    """Native: each floating parameter and buffer of ``cast`` (the case's copy of ``model``, cast to
+    the format) whose value in ``model`` was finite and is not any more (``Observer.mark_past_range``)."""
+    exact = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    params = {id(p) for p in cast.parameters()}
+    for name, t in [*cast.named_parameters(), *cast.named_buffers()]:
+        if t.is_floating_point() and past_range(exact[name].detach(), t):
+            observer.mark_past_range(t, entry_label(name, id(t) in params), exact[name].detach().to(t.device).float())
+
+
 def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
     """One watched forward (and backward) of ``w.model`` on prepared inputs (``prepare``): emulated
     and native mode round them on entry first, each a layer of its own."""
-    if w.mode != "autocast":
-        args, kwargs = w.observer.enter_inputs(args, kwargs)
     with torch.enable_grad() if w.backward else torch.no_grad(), w:
         out = w.model(*args, **kwargs)
         if not w.backward:

@@ -9,11 +9,13 @@ gradient of.
 
 from __future__ import annotations
 
-__all__ = ["ModuleStack", "ROOT", "OUTSIDE", "INPUT"]
+__all__ = ["ModuleStack", "ROOT", "OUTSIDE", "INPUT", "PARAM", "BUFFER"]
 
 ROOT = "(root)"  # ops in the top module's own forward
 OUTSIDE = "(outside)"  # ops outside the model: the user's loss, for instance
 INPUT = "(input)"  # the model's inputs, rounded to the format on entry (emulated, native)
+PARAM = "(param)"  # a parameter past the format's range, a layer where it is first consumed
+BUFFER = "(buffer)"  # a floating buffer (batch norm's running_var) past the range, likewise
 
 
 class ModuleStack:
