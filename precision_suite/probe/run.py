@@ -281,8 +281,10 @@ def _mark_past_range(observer: Observer, model, cast) -> None:
     exact = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     params = {id(p) for p in cast.parameters()}
     for name, t in [*cast.named_parameters(), *cast.named_buffers()]:
-        if t.is_floating_point() and past_range(exact[name].detach(), t):
-            observer.mark_past_range(t, entry_label(name, id(t) in params), exact[name].detach().to(t.device).float())
+        if t.is_floating_point():
+            e = exact[name].detach().to(t.device, torch.float32)
+            if past_range(e, t):
+                observer.mark_past_range(t, entry_label(name, id(t) in params), e)
 
 
 def step(w: "Watch", args, kwargs, *, seed: int = 0, loss_fn=None) -> None:
