@@ -485,6 +485,25 @@ def test_watch_emulated_rounds_the_parameters_and_inputs_for_the_block_and_resto
     assert model[0].weight.grad is not None
 
 
+def test_watch_emulated_keeps_an_optimizer_step_taken_inside_the_block():
+    """An SGD step inside the block moves the rounded weights (an op like any other there, so it is
+    emulated too); on exit that move is applied to the exact weights: the step is kept and the
+    rounding on entry is not. (docs/probe.md asks for the step after the block.)"""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with watch(model, "fp16", "emulated"):
+        model(torch.randn(8, 16)).square().sum().backward()
+        opt.step()
+        inside = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for k, p in model.named_parameters():
+        b = before[k].numpy().astype(np.float64)
+        moved = inside[k].numpy().astype(np.float64) - b.astype(np.float16).astype(np.float64)
+        assert np.abs(moved).max() > 0
+        assert np.allclose(p.detach().numpy(), b + moved, rtol=0, atol=1e-7), k
+
+
 def test_bf16_overflowing_fp32_itself_is_an_overflow():
     """bf16's range is fp32's: an op whose fp32 result is inf from finite inputs overflowed (its exact
     value is past T_of); it is the overflow site, at -inf bits, not a NaN further on."""

@@ -98,7 +98,7 @@ class Observer(TorchDispatchMode):
         self.param_layer: dict[int, tuple] = {}  # id(param) -> (layer, param)
         self.pending: list = []  # (output, layer): hooks to register once autograd has seen it
         self.handles: list = []
-        self.saved: list = []  # (tensor, its value before enter_params rounded it)
+        self.saved: list = []  # (tensor, its value before enter_params rounded it, its version after)
 
     # ---- the model's parameters and buffers ----
 
@@ -112,14 +112,19 @@ class Observer(TorchDispatchMode):
                     continue
                 exact = t.detach().clone()
                 t.copy_(round_tensor(exact, self.fmt))
-                self.saved.append((t, exact))
+                self.saved.append((t, exact, t._version))
                 if past_range(exact, t):
                     self.mark_past_range(t, entry_label(name, id(t) in params), exact)
 
     def restore_params(self) -> None:
+        """Put back the values ``enter_params`` rounded. A parameter the block changed (an optimizer
+        step inside it) keeps the change, applied to its exact value: t + (exact - round(exact))."""
         with torch.no_grad():
-            for t, exact in self.saved:
-                t.copy_(exact)
+            for t, exact, version in self.saved:
+                if t._version == version:
+                    t.copy_(exact)
+                else:
+                    t.add_(exact - round_tensor(exact, self.fmt))
         self.saved.clear()
 
     def mark_past_range(self, t, label: str, exact) -> None:
