@@ -452,6 +452,26 @@ def test_a_parameter_already_past_the_range_is_named_where_it_is_first_used(mode
     assert float(model[2].weight[3, 5].detach()) == -planted  # the caller's model is left alone
 
 
+@pytest.mark.parametrize("mode", ["emulated", "autocast", "native"])
+@pytest.mark.parametrize("side", ["below", "at"])
+def test_a_parameter_is_past_the_range_exactly_from_the_overflow_threshold(mode, side):
+    """T_of = max + half an ulp (from numpy's finfo) rounds to inf in fp16 (ties to even); the
+    float32 just below it rounds to max. Only the first makes the weight a layer and a failure."""
+    fi = np.finfo(np.float16)
+    t_of = np.float32(float(fi.max) + float(fi.eps) * 2.0 ** (fi.maxexp - 1) / 2)
+    value = t_of if side == "at" else np.nextafter(t_of, np.float32(0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float(value)
+    r = probe(model, torch.randn(2, 8) * 1e-3, formats="fp16", modes=mode, backward=False).cases[0]
+    past = [n for n in r.probe["layer_names"] if n.startswith("(param)")]
+    if side == "at":
+        assert past == ["(param):0.weight"] and _site(r, "first_overflow")["value"] == float(value)
+    else:
+        assert past == [] and r.failure is None
+
+
 @pytest.mark.parametrize("mode", ["emulated", "native"])
 def test_a_buffer_past_the_range_is_named_too(mode):
     """Batch norm's running_var at 1e6 in fp16 (eval mode): the consuming op divides by sqrt(inf) and
