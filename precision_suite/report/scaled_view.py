@@ -179,24 +179,25 @@ def _fmt_db(v) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.1f}"
 
 
-def _at_worst(values) -> tuple:
-    """(value, layer) of the smallest finite value, layers from 1; (None, None) when there is none."""
+def _extreme(values, pick) -> tuple:
+    """(value, layer) of the finite value ``pick`` (``_np.argmin``/``_np.argmax``) chooses, layers
+    from 1; (None, None) when there is none."""
     a = _np.asarray(values, dtype=_np.float64)
     ok = _np.isfinite(a)
     if not ok.any():
         return None, None
-    i = int(_np.flatnonzero(ok)[_np.argmin(a[ok])])
+    i = int(_np.flatnonzero(ok)[pick(a[ok])])
     return float(a[i]), i + 1
+
+
+def _at_worst(values) -> tuple:
+    """The smallest finite value and its layer (``_extreme``)."""
+    return _extreme(values, _np.argmin)
 
 
 def _at_most(values) -> tuple:
-    """(value, layer) of the largest finite value, layers from 1; (None, None) when there is none."""
-    a = _np.asarray(values, dtype=_np.float64)
-    ok = _np.isfinite(a)
-    if not ok.any():
-        return None, None
-    i = int(_np.flatnonzero(ok)[_np.argmax(a[ok])])
-    return float(a[i]), i + 1
+    """The largest finite value and its layer (``_extreme``)."""
+    return _extreme(values, _np.argmax)
 
 
 def _median(values):
